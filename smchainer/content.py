@@ -1,0 +1,185 @@
+"""Media types: parsing Content-Type and Accept, and the NumPy codecs.
+
+The one place that knows what ``application/x-npy``, ``application/json`` and
+``text/csv`` bodies look like, both ways. Decoding errors are
+:class:`~smchainer.errors.BadRequest` (400), unknown types
+:class:`~smchainer.errors.UnsupportedMediaType` (415) or
+:class:`~smchainer.errors.NotAcceptable` (406).
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from smchainer.errors import BadRequest, NotAcceptable, UnsupportedMediaType
+
+NPY = "application/x-npy"
+JSON = "application/json"
+CSV = "text/csv"
+#: Types the default codecs read and write, the preferred first.
+NUMPY_TYPES = (JSON, NPY, CSV)
+DEFAULT_CONTENT_TYPE = JSON
+
+
+def media_type(header: str | None, default: str = DEFAULT_CONTENT_TYPE) -> str:
+    """The bare media type of a Content-Type header, lower-cased.
+
+    Parameters such as ``; charset=utf-8`` are dropped; a missing or empty
+    header gives ``default``.
+    """
+    if not header or not header.strip():
+        return default
+    return header.split(";", 1)[0].strip().lower()
+
+
+def parse_accept(header: str | None, default: str) -> list[str]:
+    """Media ranges of an Accept header, the most preferred first.
+
+    q-values order the list (ties keep the header's order) and ``q=0`` ranges
+    are dropped. ``*/*`` and a missing header stand for ``default``. Ranges
+    such as ``application/*`` are kept for the encoder to resolve.
+    Raises :class:`NotAcceptable` when every range has ``q=0``.
+    """
+    if not header or not header.strip():
+        return [default]
+    ranked: list[tuple[float, int, str]] = []
+    for position, item in enumerate(header.split(",")):
+        if not item.strip():
+            continue
+        kind, *params = (part.strip() for part in item.split(";"))
+        quality = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        if quality > 0:
+            ranked.append((-quality, position, kind.lower()))
+    if not ranked:
+        raise NotAcceptable(f"Accept header {header!r} accepts nothing")
+    ranked.sort()
+    result: list[str] = []
+    for _, _, kind in ranked:
+        kind = default if kind == "*/*" else kind
+        if kind not in result:
+            result.append(kind)
+    return result
+
+
+def match_media_range(media_range: str, supported: tuple[str, ...]) -> str | None:
+    """The first of ``supported`` that ``media_range`` (maybe ``type/*``) covers."""
+    if media_range in supported:
+        return media_range
+    if media_range.endswith("/*"):
+        prefix = media_range[:-1]
+        for candidate in supported:
+            if candidate.startswith(prefix):
+                return candidate
+    return None
+
+
+def decode_npy(body: bytes) -> np.ndarray:
+    """Read an ``.npy`` body; object (pickled) arrays are refused."""
+    try:
+        array = np.load(io.BytesIO(body), allow_pickle=False)
+    except ValueError as error:
+        if "pickle" in str(error).lower():
+            raise BadRequest("npy body holds pickled objects, which are never loaded") from None
+        raise BadRequest(f"npy body could not be read: {error}") from None
+    except (OSError, EOFError) as error:
+        raise BadRequest(f"body is not a valid npy file: {error}") from None
+    if not isinstance(array, np.ndarray):
+        raise BadRequest("npy body must hold one array, not an npz archive")
+    return array
+
+
+def decode_json(body: bytes) -> np.ndarray:
+    """Read a JSON array of numbers (or ``{"instances": [...]}``) as float32."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as error:
+        raise BadRequest(f"body is not valid JSON: {error}") from None
+    if isinstance(data, dict):
+        if "instances" not in data:
+            raise BadRequest('JSON body must be an array, or an object with "instances"')
+        data = data["instances"]
+    try:
+        return np.asarray(data, dtype=np.float32)
+    except (ValueError, TypeError) as error:
+        raise BadRequest(f"JSON body is not a rectangular array of numbers: {error}") from None
+
+
+def decode_csv(body: bytes) -> np.ndarray:
+    """Read CSV rows as a 2-D float32 array; one row stays one row."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"CSV body is not UTF-8: {error}") from None
+    if not text.strip():
+        raise BadRequest("CSV body is empty")
+    try:
+        return np.loadtxt(io.StringIO(text), delimiter=",", dtype=np.float32, ndmin=2)
+    except ValueError as error:
+        raise BadRequest(f"CSV body is not a table of numbers: {error}") from None
+
+
+_DECODERS = {NPY: decode_npy, JSON: decode_json, CSV: decode_csv}
+
+
+def decode(body: bytes, content_type: str) -> np.ndarray:
+    """Decode ``body`` of the bare media type ``content_type``."""
+    decoder = _DECODERS.get(content_type)
+    if decoder is None:
+        raise UnsupportedMediaType(
+            f"unsupported Content-Type {content_type!r}; supported: {', '.join(NUMPY_TYPES)}"
+        )
+    if not body:
+        raise BadRequest("request body is empty")
+    return decoder(body)
+
+
+def to_numpy(prediction: Any) -> np.ndarray:
+    """A prediction (Variable, CuPy or NumPy array, nested lists) as NumPy."""
+    array = getattr(prediction, "array", prediction)  # a chainer.Variable
+    if hasattr(array, "get"):  # a CuPy array
+        array = array.get()
+    return np.asarray(array)
+
+
+def encode_npy(prediction: Any) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, to_numpy(prediction), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def encode_json(prediction: Any) -> bytes:
+    if isinstance(prediction, (dict, list, str, int, float)) or prediction is None:
+        return json.dumps(prediction).encode()
+    return json.dumps(to_numpy(prediction).tolist()).encode()
+
+
+def encode_csv(prediction: Any) -> bytes:
+    array = to_numpy(prediction)
+    if array.ndim > 2:
+        array = array.reshape(array.shape[0], -1)
+    buffer = io.StringIO()
+    np.savetxt(buffer, array, delimiter=",", fmt="%.9g")
+    return buffer.getvalue().encode()
+
+
+_ENCODERS = {NPY: encode_npy, JSON: encode_json, CSV: encode_csv}
+
+
+def encode(prediction: Any, accept: str) -> tuple[bytes, str]:
+    """Encode ``prediction`` as the media range ``accept``; return body and type."""
+    concrete = match_media_range(accept, NUMPY_TYPES)
+    if concrete is None:
+        raise NotAcceptable(
+            f"cannot answer as {accept!r}; supported: {', '.join(NUMPY_TYPES)}"
+        )
+    return _ENCODERS[concrete](prediction), concrete

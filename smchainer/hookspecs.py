@@ -1,0 +1,141 @@
+"""The hook contract: what plugins, user scripts and the defaults implement.
+
+Every hook is ``firstresult``: implementations are called from the most
+recently registered to the first, and the first one that returns something
+other than ``None`` answers. Returning ``None`` passes the call on. The
+built-in defaults (:mod:`smchainer.default_plugins`) are registered
+``trylast=True``, so any installed plugin or user module wins regardless of
+registration order.
+
+Names and argument orders are SageMaker's, so the functions of a SageMaker
+``inference.py`` or training script map over unchanged; such functions need no
+marker (see :func:`smchainer.plugins.plugin_from_module`). Plugins distributed
+as packages mark their functions with ``@smchainer.hookimpl``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from smchainer.training.env import TrainingEnv
+
+PROJECT_NAME = "smchainer"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+#: The serving hooks, in the order a request meets them.
+SERVING_HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
+#: Every hook name, serving and training.
+HOOK_NAMES = SERVING_HOOKS + ("train",)
+
+
+@hookspec(firstresult=True)
+def model_fn(model_dir: str) -> Any:
+    """Load the model that the server will use.
+
+    Called once per server worker, when the worker starts and before it
+    answers ``/ping`` with 200. The built-in default loads a model saved by
+    smchainer's own trainer (``model.npz`` with its ``smchainer-model.json``)
+    and otherwise raises an error that asks the user for a ``model_fn``.
+
+    Stops at the first non-None result.
+
+    :param model_dir: directory holding the model artifacts (the extracted
+        ``model.tar.gz``).
+    :return: the model object passed to :func:`predict_fn` and
+        :func:`transform_fn`, usually a :class:`chainer.Link`.
+    """
+
+
+@hookspec(firstresult=True)
+def input_fn(input_data: bytes, content_type: str) -> Any:
+    """Decode a request body into the input of :func:`predict_fn`.
+
+    Called once per ``/invocations`` request. The default decodes
+    ``application/x-npy`` (never unpickling), ``application/json`` (float32)
+    and ``text/csv`` (a 2-D float32 array; one row keeps its batch dimension),
+    and raises :class:`smchainer.errors.UnsupportedMediaType` (415) for
+    other types. A plugin that does not handle ``content_type`` returns None.
+
+    Stops at the first non-None result.
+
+    :param input_data: the raw request body.
+    :param content_type: the media type, lower-cased, without parameters
+        (``text/csv; charset=utf-8`` arrives as ``text/csv``).
+    :return: the decoded input, usually a :class:`numpy.ndarray`.
+    """
+
+
+@hookspec(firstresult=True)
+def predict_fn(input_data: Any, model: Any) -> Any:
+    """Run the model on decoded input.
+
+    The default calls ``model(input_data)`` in Chainer's evaluation mode
+    (``train=False``, no backprop graph) on the model's device and returns a
+    NumPy array, moving it off the GPU if needed.
+
+    Stops at the first non-None result.
+
+    :param input_data: what :func:`input_fn` returned.
+    :param model: what :func:`model_fn` returned.
+    :return: the prediction passed to :func:`output_fn`.
+    """
+
+
+@hookspec(firstresult=True)
+def output_fn(prediction: Any, accept: str) -> Any:
+    """Encode a prediction as the response body.
+
+    The default encodes NumPy-compatible predictions as ``application/json``,
+    ``application/x-npy`` or ``text/csv`` and raises
+    :class:`smchainer.errors.NotAcceptable` (406) for other types; the server
+    then tries the client's next acceptable type.
+
+    Stops at the first non-None result.
+
+    :param prediction: what :func:`predict_fn` returned.
+    :param accept: one concrete media type the client accepts (the server
+        resolves q-values and ``*/*`` before calling).
+    :return: the body as ``bytes`` or ``str`` (sent as ``accept``), or a
+        ``(body, content_type)`` pair.
+    """
+
+
+@hookspec(firstresult=True)
+def transform_fn(model: Any, input_data: bytes, content_type: str, accept: str) -> Any:
+    """Handle a whole request in one function, replacing the other three.
+
+    When an implementation returns non-None, :func:`input_fn`,
+    :func:`predict_fn` and :func:`output_fn` are not called. There is no
+    default: without one, the server runs the three hooks in turn. A user
+    module that defines both ``transform_fn`` and any of the three is refused.
+
+    Stops at the first non-None result.
+
+    :param model: what :func:`model_fn` returned.
+    :param input_data: the raw request body.
+    :param content_type: the request's media type, without parameters.
+    :param accept: one concrete media type the client accepts.
+    :return: as for :func:`output_fn`.
+    """
+
+
+@hookspec(firstresult=True)
+def train(env: TrainingEnv) -> Any:
+    """Run a training job when no entry-point script is given.
+
+    Called by ``smchainer-train`` on every rank after the job directory,
+    channels and configuration files are in place. The built-in default
+    trains the Chainer CIFAR-10 VGG network on the ``train`` (and optional
+    ``test``) channel.
+
+    Stops at the first non-None result.
+
+    :param env: the job: directories, channels, hyperparameters, hosts,
+        rank and device (:class:`smchainer.training.env.TrainingEnv`).
+    :return: anything non-None (for example a dict of final metrics) to say
+        the job was handled.
+    """

@@ -1,0 +1,1 @@
+"""The serving side: WSGI app, gunicorn application, model sources."""

@@ -1,0 +1,1 @@
+"""The training side: the job environment, the launcher, artifacts."""

@@ -1,0 +1,74 @@
+"""TrainingEnv: everything a training job knows about itself."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TrainingEnv:
+    """A training job as seen by one process (one MPI rank).
+
+    Directories follow SageMaker's ``/opt/ml`` layout under ``job_dir``.
+    ``device`` is ``"cpu"`` or ``"gpu:N"`` (this rank's GPU).
+    """
+
+    job_dir: Path
+    channels: dict[str, Path] = field(default_factory=dict)
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    hosts: list[str] = field(default_factory=lambda: ["algo-1"])
+    current_host: str = "algo-1"
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    num_gpus: int = 0
+    num_cpus: int = 1
+    device: str = "cpu"
+    checkpoint_dir: Path | None = None
+    network_interface_name: str = "eth0"
+    user_entry_point: str | None = None
+    log_level: int = 20
+
+    @property
+    def is_master(self) -> bool:
+        """Rank 0: the process that prints progress and writes artifacts."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def model_dir(self) -> Path:
+        return self.job_dir / "model"
+
+    @property
+    def output_dir(self) -> Path:
+        return self.job_dir / "output"
+
+    @property
+    def output_data_dir(self) -> Path:
+        return self.job_dir / "output" / "data"
+
+    @property
+    def output_intermediate_dir(self) -> Path:
+        return self.job_dir / "output" / "intermediate"
+
+    @property
+    def input_dir(self) -> Path:
+        return self.job_dir / "input"
+
+    @property
+    def input_config_dir(self) -> Path:
+        return self.job_dir / "input" / "config"
+
+    @property
+    def code_dir(self) -> Path:
+        return self.job_dir / "code"
+
+    @property
+    def checkpoints(self) -> Path:
+        """Where snapshots go: ``checkpoint_dir`` or ``job_dir/checkpoints``."""
+        return self.checkpoint_dir or self.job_dir / "checkpoints"

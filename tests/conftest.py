@@ -1,0 +1,19 @@
+"""What the suite shares beyond the fixtures of :mod:`smchainer.testing`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import smchainer  # noqa: F401  (puts the Chainer compat layer in place first)
+from smchainer.testing import registered  # noqa: F401  (re-exported for the tests)
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def command(name: str) -> str:
+    """The path of one of the project's console commands in this environment."""
+    path = VENV_BIN / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run make install")
+    return str(path)

@@ -1,0 +1,95 @@
+"""Media-type parsing and the NumPy codecs (CONTRACT.md's serving defaults)."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from smchainer import content
+from smchainer.errors import BadRequest, NotAcceptable, UnsupportedMediaType
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("text/csv; charset=utf-8", "text/csv"),
+        ("Application/X-NPY", "application/x-npy"),
+        (None, "application/json"),
+        ("  ", "application/json"),
+    ],
+)
+def test_media_type_drops_parameters(header, expected) -> None:
+    assert content.media_type(header) == expected
+
+
+def test_accept_orders_by_quality_then_position() -> None:
+    header = "text/csv;q=0.5, application/x-npy, application/json;q=0.9, text/html;q=0"
+    assert content.parse_accept(header, "application/json") == [
+        "application/x-npy", "application/json", "text/csv", "text/html"
+    ][:3]
+
+
+@pytest.mark.parametrize("header", [None, "", "*/*"])
+def test_accept_wildcard_or_missing_means_the_default(header) -> None:
+    assert content.parse_accept(header, "text/csv") == ["text/csv"]
+
+
+def test_accept_that_refuses_everything() -> None:
+    with pytest.raises(NotAcceptable):
+        content.parse_accept("application/json;q=0", "application/json")
+
+
+def test_npy_round_trip_keeps_dtype_and_shape() -> None:
+    array = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
+    body, kind = content.encode(array, "application/x-npy")
+    assert kind == "application/x-npy"
+    decoded = content.decode(body, "application/x-npy")
+    assert decoded.dtype == np.float32
+    np.testing.assert_array_equal(decoded, array)
+
+
+def test_pickled_npy_is_refused() -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(BadRequest, match="pickled"):
+        content.decode(buffer.getvalue(), "application/x-npy")
+
+
+def test_json_is_float32_and_instances_are_accepted() -> None:
+    assert content.decode(b"[[1, 2], [3, 4]]", "application/json").dtype == np.float32
+    decoded = content.decode(b'{"instances": [[1, 2]]}', "application/json")
+    np.testing.assert_array_equal(decoded, [[1, 2]])
+
+
+@pytest.mark.parametrize("body", [b"[[1, 2], [3]]", b'["a", "b"]', b"{", b'{"x": 1}'])
+def test_bad_json_is_a_400(body) -> None:
+    with pytest.raises(BadRequest):
+        content.decode(body, "application/json")
+
+
+def test_single_csv_row_keeps_its_batch_dimension() -> None:
+    decoded = content.decode(b"1,2,3\n", "text/csv")
+    assert decoded.shape == (1, 3)
+    assert content.decode(b"1,2\n3,4\n", "text/csv").shape == (2, 2)
+
+
+@pytest.mark.parametrize("body", [b"1,2\n3\n", b"a,b\n", b"\n"])
+def test_bad_csv_is_a_400(body) -> None:
+    with pytest.raises(BadRequest):
+        content.decode(body, "text/csv")
+
+
+def test_unknown_content_type_is_a_415_naming_the_supported_ones() -> None:
+    with pytest.raises(UnsupportedMediaType, match="application/x-npy"):
+        content.decode(b"x", "application/xml")
+
+
+def test_encoders() -> None:
+    prediction = np.array([[0.5, 1.5]], dtype=np.float32)
+    assert json.loads(content.encode(prediction, "application/json")[0]) == [[0.5, 1.5]]
+    assert content.encode(prediction, "text/csv")[0] == b"0.5,1.5\n"
+    assert content.encode(prediction, "application/*")[1] == "application/json"
+    with pytest.raises(NotAcceptable, match="text/csv"):
+        content.encode(prediction, "image/png")
