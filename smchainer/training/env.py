@@ -30,6 +30,7 @@ class TrainingEnv:
     network_interface_name: str = "eth0"
     user_entry_point: str | None = None
     log_level: int = 20
+    job_name: str = ""
 
     @property
     def is_master(self) -> bool:

@@ -1,0 +1,152 @@
+"""``smchainer-train``: run a training job with the SageMaker contract.
+
+Alone it runs the job in this process. Under ``mpirun`` every rank runs it
+and the ranks agree through MPI. With ``--num-processes N`` it starts
+``mpirun`` itself (see :mod:`smchainer.training.launch`). Every option is
+checked before any rank starts.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from smchainer.cli import LOG_FORMAT, ArgumentParser, add_common_arguments, run
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """\
+The job tree (--job-dir, default ./jobs/<job name>, or $SAGEMAKER_BASE_DIR):
+  code/ input/config/{hyperparameters,inputdataconfig,resourceconfig}.json
+  input/data/<channel>/ model/ output/{success,failure} output/data/
+  output/intermediate/ checkpoints/ model.tar.gz output.tar.gz
+
+The script gets every SM_* variable of the SageMaker contract and the
+hyperparameters as sorted arguments (--key value; sagemaker_* keys left out).
+Without --entry-point the train(env) hook runs (default: VGG on CIFAR-10).
+Exit status: 0 success, 1 the job failed (see output/failure), 2 bad usage.
+
+Examples:
+  smchainer-train --entry-point train.py --channel train=data/ --hp epochs=3
+  mpirun -n 2 smchainer-train --entry-point train.py --channel train=data/
+  smchainer-train --num-processes 4 --hostfile hosts --entry-point train.py ...
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="smchainer-train",
+        description="Run a training job with the SageMaker Chainer contract: one process, "
+        "every rank of an mpirun job, or N ranks started with --num-processes.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(parser)
+    job = parser.add_argument_group("the job")
+    job.add_argument("--entry-point", metavar="FILE",
+                     help="the training script (relative to --source-dir when given); "
+                     "without it the train(env) hook runs")
+    job.add_argument("--source-dir", metavar="DIR",
+                     help="folder copied to the job's code/ (with requirements.txt, installed "
+                     "with pip first); the script runs from there")
+    job.add_argument("--channel", action="append", metavar="NAME=PATH|s3://BUCKET/PREFIX",
+                     help="an input channel (repeatable): a local folder or file, or S3 "
+                     "(AWS_ENDPOINT_URL for S3-compatible stores); the script sees "
+                     "SM_CHANNEL_<NAME>")
+    job.add_argument("--hp", action="append", metavar="KEY=VALUE",
+                     help="a hyperparameter (repeatable); VALUE is decoded as JSON when it "
+                     "parses (3 -> int, true -> bool), else kept as a string")
+    job.add_argument("--hyperparameters", metavar="FILE.json",
+                     help="hyperparameters from a JSON object (SageMaker's "
+                     "hyperparameters.json works); --hp wins")
+    job.add_argument("--job-file", metavar="FILE.json",
+                     help="the job as a JSON object with these options' names "
+                     "(entry_point, channels {}, hyperparameters {}, ...); options win")
+    job.add_argument("--job-dir", metavar="DIR",
+                     help="the /opt/ml-style job tree (default: $SAGEMAKER_BASE_DIR, else "
+                     "./jobs/<job name>)")
+    job.add_argument("--job-name", metavar="NAME",
+                     help="the job's name (default smchainer-<date>-<time>-<random>)")
+    job.add_argument("--output-path", metavar="DIR|s3://BUCKET/PREFIX",
+                     help="also copy or upload model.tar.gz and output.tar.gz to "
+                     "<output path>/<job name>/output/")
+    job.add_argument("--checkpoint-dir", metavar="DIR",
+                     help="checkpoint folder (default <job dir>/checkpoints; "
+                     "SMCHAINER_CHECKPOINT_DIR in the script)")
+    mpi = parser.add_argument_group("starting mpirun (one host or many)")
+    mpi.add_argument("--num-processes", type=int, metavar="N",
+                     help="start N ranks with mpirun (printed before it runs)")
+    mpi.add_argument("--hostfile", metavar="FILE",
+                     help="Open MPI hostfile (see hostfile.example); default: this machine")
+    mpi.add_argument("--mpi-options", metavar='"..."',
+                     help="more mpirun options, as one shell-quoted string")
+    mpi.add_argument("--oversubscribe", action="store_true",
+                     help="allow more ranks than slots (added by itself when N exceeds this "
+                     "machine's CPUs and there is no hostfile)")
+    return parser
+
+
+def _configure_logging(level: int) -> None:
+    """Progress from the ``smchainer`` loggers; the script's root logger is left alone."""
+    package = logging.getLogger("smchainer")
+    for handler in list(package.handlers):
+        package.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package.addHandler(handler)
+    package.setLevel(level)
+    package.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``smchainer-train`` command."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    debug = "--debug" in argv
+
+    def body() -> int:
+        from smchainer.training.config import build_spec, resolve_job
+        from smchainer.training.mpi import detect_world, under_mpirun
+
+        args = parser.parse_args(argv)
+        level = logging.DEBUG if args.debug else logging.INFO
+        spec = build_spec(args)
+        if spec.num_processes is not None:
+            if under_mpirun():
+                from smchainer.errors import UsageError
+
+                raise UsageError("--num-processes starts mpirun itself: do not run it "
+                                 "under mpirun")
+            from smchainer.training.launch import launch
+            from smchainer.training.runner import write_failure
+
+            _configure_logging(level)
+            resolve_job(spec)
+            assert spec.job_dir is not None
+            for stale in ("success", "failure"):
+                (spec.job_dir / "output" / stale).unlink(missing_ok=True)
+            code = launch(spec)
+            output = spec.job_dir / "output"
+            if code == 0 and (output / "success").exists():
+                return 0
+            # Open MPI exits 0 when it ends a job because a host was lost, so
+            # only rank 0's success file says the job finished.
+            reason = (f"mpirun exited with status {code}" if code != 0 else
+                      "mpirun exited 0 but rank 0 wrote no success file "
+                      "(a host or rank was lost)")
+            write_failure(output, f"MPIError: {reason}\n")
+            print(f"Error: the job failed ({reason}); see {output / 'failure'}",
+                  file=sys.stderr)
+            return 1
+        from smchainer.training.runner import run_job
+
+        world = detect_world()
+        _configure_logging(level if world.rank == 0 else logging.WARNING)
+        return run_job(spec, world, level)
+
+    return run(body, lambda: debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

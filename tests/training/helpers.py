@@ -1,0 +1,54 @@
+"""Running smchainer-train (and mpirun) for real in the training tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import VENV_BIN, command
+
+SCRIPT = Path(__file__).parent / "scripts" / "sagemaker_train.py"
+ROOT_OK = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+
+
+def environment(**extra: str) -> dict[str, str]:
+    """This environment without SageMaker or smchainer settings, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SM_", "SMCHAINER_", "SAGEMAKER_", "OMPI_COMM", "PMIX"))}
+    env.update(ROOT_OK)
+    env.update(extra)
+    return env
+
+
+def train(*args: str, cwd: Path | None = None, timeout: float = 120,
+          **extra: str) -> subprocess.CompletedProcess[str]:
+    """``smchainer-train ARGS`` in a fresh process."""
+    return subprocess.run([command("smchainer-train"), *args], capture_output=True, text=True,
+                          cwd=cwd, env=environment(**extra), timeout=timeout)
+
+
+def mpirun_train(n: int, *args: str, timeout: float = 120,
+                 **extra: str) -> subprocess.CompletedProcess[str]:
+    """``mpirun -n N smchainer-train ARGS``, with the mpirun of this environment."""
+    return subprocess.run([str(VENV_BIN / "mpirun"), "-n", str(n), command("smchainer-train"),
+                           *args], capture_output=True, text=True, env=environment(**extra),
+                          timeout=timeout)
+
+
+def tiny_dataset(folder: Path, name: str = "train.npz", n: int = 32) -> Path:
+    """A tiny 3-class problem on 4 features, saved as ``x`` / ``y``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, 4)).astype(np.float32)
+    y = ((x[:, 0] > 0).astype(np.int32) + (x[:, 1] > 0).astype(np.int32))
+    path = folder / name
+    np.savez(path, x=x, y=y)
+    return path
+
+
+def tar_names(path: Path) -> list[str]:
+    with tarfile.open(path) as archive:
+        return sorted(archive.getnames())
