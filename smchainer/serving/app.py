@@ -1,0 +1,370 @@
+"""The WSGI application one server worker runs: routing, limits, negotiation, errors.
+
+Requests flow one way: body -> ``input_fn`` -> ``predict_fn`` -> ``output_fn``
+(or ``transform_fn`` alone), all through :class:`smchainer.manager.Hooks`.
+Each worker holds one model, loaded by ``model_fn`` in a background thread
+when the worker starts (:meth:`InferenceApp.start`), so ``/ping`` answers 503
+at once while loading and 200 after. Inferences run one at a time per worker
+on a dedicated thread (user models need not be thread-safe) while the
+server's other threads keep answering ``/ping`` and ``/metrics``.
+
+Every error becomes a JSON body ``{"error": ..., "status": N}``; the status
+comes from :func:`smchainer.errors.http_status_of` alone. Tracebacks reach a
+client only when debug logging is on.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+from smchainer import content
+from smchainer.errors import (
+    BadRequest,
+    HTTPError,
+    ModelNotLoaded,
+    NotAcceptable,
+    PayloadTooLarge,
+    SmchainerError,
+    http_status_of,
+)
+from smchainer.manager import Hooks
+from smchainer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from smchainer.serving.metrics import WorkerMetrics
+from smchainer.serving.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+access_logger = logging.getLogger("smchainer.serving.access")
+
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass
+class Response:
+    status: int
+    body: bytes = b""
+    content_type: str | None = None
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def error_response(message: str, status: int, detail: str | None = None) -> Response:
+    """A JSON error body: ``{"error": message, "status": status}`` (+ ``traceback``)."""
+    payload: dict[str, Any] = {"error": message, "status": status}
+    if detail:
+        payload["traceback"] = detail
+    return Response(status, json.dumps(payload).encode(), "application/json")
+
+
+class ModelHolder:
+    """This worker's model: loaded once, in the background, then shared by requests."""
+
+    def __init__(self, hooks: Hooks, model_dir: Path, metrics: WorkerMetrics) -> None:
+        self.hooks = hooks
+        self.model_dir = model_dir
+        self.metrics = metrics
+        self.state = "waiting"  # -> loading -> ready | failed
+        self.model: Any = None
+        self.device: Any = None
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, device_spec: str) -> threading.Thread:
+        """Run ``model_fn`` on a daemon thread for ``device_spec`` ("cpu" or "gpu:N")."""
+        self.state = "loading"
+        self._thread = threading.Thread(
+            target=self.load, args=(device_spec,), name="smchainer-model-loader", daemon=True
+        )
+        self._thread.start()
+        return self._thread
+
+    def load(self, device_spec: str) -> None:
+        """Load the model now (in the calling thread); never raises."""
+        from smchainer.device import get_device
+
+        self.state = "loading"
+        started = time.perf_counter()
+        try:
+            device = get_device(device_spec)
+            model = move_to_device(self.hooks.model_fn(str(self.model_dir)), device)
+        except BaseException as error:  # a failed load must not take the worker down
+            self.load_seconds = time.perf_counter() - started
+            self.error = describe(error)
+            self.state = "failed"
+            logger.error("model_fn failed for %s; /ping will answer 503: %s",
+                         self.model_dir, self.error, exc_info=True)
+            self.metrics.observe_model_load(self.load_seconds, loaded=False)
+            return
+        self.model, self.device = model, device
+        self.load_seconds = time.perf_counter() - started
+        self.state = "ready"
+        logger.info("model loaded from %s on %s in %.2f s",
+                    self.model_dir, device_spec, self.load_seconds)
+        self.metrics.observe_model_load(self.load_seconds, loaded=True)
+
+    def require(self) -> Any:
+        """The model, or :class:`ModelNotLoaded` (503) saying why there is none."""
+        if self.state == "ready":
+            return self.model
+        if self.state == "failed":
+            raise ModelNotLoaded(f"the model could not be loaded: {self.error}")
+        raise ModelNotLoaded("the model is still loading")
+
+
+def move_to_device(model: Any, device: Any) -> Any:
+    """Put a Chainer link on this worker's device; other models are left alone."""
+    import chainer
+
+    if isinstance(model, chainer.Link):
+        model.to_device(device)
+    return model
+
+
+def describe(error: BaseException) -> str:
+    """An error as one line for a client: our own errors by message, others by type too."""
+    if isinstance(error, SmchainerError) or getattr(error, "status_code", None):
+        return str(error) or type(error).__name__
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+class InferenceRunner:
+    """One thread per worker that runs inferences in turn; callers wait with a deadline."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]]]
+        self._queue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, task: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            if self._thread is None:  # started lazily: the worker is forked by then
+                self._thread = threading.Thread(
+                    target=self._run, name="smchainer-inference", daemon=True
+                )
+                self._thread.start()
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((future, task))
+        return future
+
+    def _run(self) -> None:
+        while True:
+            future, task = self._queue.get()
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller timed out while it waited
+            try:
+                future.set_result(task())
+            except BaseException as error:
+                future.set_exception(error)
+
+
+class InferenceApp:
+    """The WSGI callable of one worker."""
+
+    def __init__(self, hooks: Hooks, settings: ServerSettings,
+                 metrics: WorkerMetrics | None = None) -> None:
+        self.hooks = hooks
+        self.settings = settings
+        self.metrics = metrics if metrics is not None else WorkerMetrics()
+        self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)
+        self.runner = InferenceRunner()
+        self.worker = 0
+        self.default_accept = content.media_type(settings.default_accept, content.JSON)
+        self.routes: dict[str, dict[str, Callable[[dict[str, Any]], Response]]] = {
+            "/ping": {"GET": self.ping, "HEAD": self.ping},
+            "/invocations": {"POST": self.invocations},
+            "/execution-parameters": {"GET": self.execution_parameters},
+            "/metrics": {"GET": self.prometheus_metrics},
+        }
+
+    def start(self, worker: int = 0) -> threading.Thread:
+        """Begin loading the model for worker number ``worker`` (GPU ``worker mod n``)."""
+        from smchainer.device import worker_gpu
+
+        self.worker = worker
+        self.metrics.bind_worker(worker)
+        device_spec = worker_gpu(worker, self.settings.device)
+        self.metrics.observe_device(device_spec)
+        logger.info("worker %d: loading the model on %s", worker, device_spec)
+        return self.holder.start(device_spec)
+
+    # -- WSGI ---------------------------------------------------------------
+
+    def __call__(self, environ: dict[str, Any],
+                 start_response: Callable[..., Any]) -> Iterable[bytes]:
+        started = time.perf_counter()
+        method = environ.get("REQUEST_METHOD", "GET").upper()
+        path = environ.get("PATH_INFO", "") or "/"
+        try:
+            response = self.dispatch(method, path, environ)
+        except Exception as error:
+            response = self.handle_error(error, method, path)
+        elapsed = time.perf_counter() - started
+        self.metrics.observe_request(path, response.status, elapsed)
+        access_logger.info("%s %s %d %.1fms worker=%d", method, path, response.status,
+                           elapsed * 1000, self.worker)
+        body = b"" if method == "HEAD" else response.body
+        headers = list(response.headers)
+        if response.content_type is not None:
+            headers.append(("Content-Type", response.content_type))
+        headers.append(("Content-Length", str(len(body))))
+        start_response(f"{response.status} {HTTPStatus(response.status).phrase}", headers)
+        return [body]
+
+    def dispatch(self, method: str, path: str, environ: dict[str, Any]) -> Response:
+        methods = self.routes.get(path)
+        if methods is None:
+            return error_response(
+                f"no such path {path!r}; endpoints: {', '.join(self.routes)}", 404
+            )
+        handler = methods.get(method)
+        if handler is None:
+            allowed = ", ".join(methods)
+            response = error_response(f"{path} does not allow {method}; use {allowed}", 405)
+            response.headers.append(("Allow", allowed))
+            return response
+        return handler(environ)
+
+    def handle_error(self, error: Exception, method: str, path: str) -> Response:
+        status = http_status_of(error)
+        message = describe(error)
+        if status >= 500 and status != 503:
+            logger.error("%s %s failed: %s", method, path, message, exc_info=error)
+        else:
+            logger.info("%s %s: %d %s", method, path, status, message)
+        detail = None
+        if self.settings.debug:
+            detail = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        return error_response(message, status, detail)
+
+    # -- endpoints ----------------------------------------------------------
+
+    def ping(self, environ: dict[str, Any]) -> Response:
+        self.holder.require()
+        return Response(200)
+
+    def execution_parameters(self, environ: dict[str, Any]) -> Response:
+        body = {
+            "MaxConcurrentTransforms": self.settings.workers,
+            "BatchStrategy": "MULTI_RECORD",
+            "MaxPayloadInMB": self.settings.max_payload_mb,
+        }
+        return Response(200, json.dumps(body).encode(), "application/json")
+
+    def prometheus_metrics(self, environ: dict[str, Any]) -> Response:
+        return Response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
+
+    def invocations(self, environ: dict[str, Any]) -> Response:
+        deadline = time.monotonic() + self.settings.timeout
+        self.check_length(environ)
+        model = self.holder.require()
+        content_type = content.media_type(
+            environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
+        )
+        accepts = self.accept_candidates(environ.get("HTTP_ACCEPT"))
+        body = self.read_body(environ)
+        future = self.runner.submit(lambda: self.infer(model, body, content_type, accepts))
+        try:
+            payload, response_type = future.result(timeout=max(deadline - time.monotonic(), 0))
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise HTTPError(
+                f"inference did not finish within the {self.settings.timeout} s timeout "
+                "(--timeout, SAGEMAKER_MODEL_SERVER_TIMEOUT)", 504
+            ) from None
+        return Response(200, payload, response_type)
+
+    # -- the request path ---------------------------------------------------
+
+    def check_length(self, environ: dict[str, Any]) -> None:
+        """413 from the Content-Length header, before any of the body is read."""
+        header = environ.get("CONTENT_LENGTH")
+        if not header:
+            return
+        try:
+            length = int(header)
+        except ValueError:
+            raise BadRequest(f"Content-Length {header!r} is not a number") from None
+        if length > self.settings.max_payload_bytes:
+            raise self.too_large(f"{length} bytes")
+
+    def too_large(self, size: str) -> PayloadTooLarge:
+        return PayloadTooLarge(
+            f"request body of {size} is over the limit of {self.settings.max_payload_mb} MB "
+            f"({self.settings.max_payload_bytes} bytes; SAGEMAKER_MAX_PAYLOAD_IN_MB)"
+        )
+
+    def read_body(self, environ: dict[str, Any]) -> bytes:
+        """The body; a chunked one is read only up to the limit + 1 byte."""
+        stream = environ["wsgi.input"]
+        header = environ.get("CONTENT_LENGTH")
+        if header:
+            return stream.read(int(header))
+        limit = self.settings.max_payload_bytes
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = stream.read(min(_READ_CHUNK, limit + 1 - total))
+            if not chunk:
+                return b"".join(chunks)
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:
+                raise self.too_large("more than that")
+
+    def accept_candidates(self, header: str | None) -> list[str]:
+        """Acceptable types, best first; ``type/*`` ranges expanded to the NumPy types."""
+        candidates: list[str] = []
+        try:
+            ranges = content.parse_accept(header, self.default_accept)
+        except NotAcceptable as error:
+            raise NotAcceptable(
+                f"{error}; supported: {', '.join(content.NUMPY_TYPES)}"
+            ) from None
+        for media_range in ranges:
+            if media_range.endswith("/*"):
+                prefix = media_range[:-1]
+                candidates += [t for t in content.NUMPY_TYPES if t.startswith(prefix)]
+            candidates.append(media_range)
+        return list(dict.fromkeys(candidates))
+
+    def infer(self, model: Any, body: bytes, content_type: str,
+              accepts: list[str]) -> tuple[bytes, str]:
+        """One request through the hooks, trying each acceptable type in turn."""
+        if self.holder.device is not None:
+            self.holder.device.use()  # CuPy's current device is per thread
+        refused: list[str] = []
+        if self.pm_has("transform_fn"):
+            for accept in accepts:
+                try:
+                    answered = self.hooks.transform_fn(model, body, content_type, accept)
+                except NotAcceptable as error:
+                    refused.append(str(error))
+                    continue
+                if answered is None:
+                    break
+                return answered
+        if not refused:
+            decoded = self.hooks.input_fn(body, content_type)
+            prediction = self.hooks.predict_fn(decoded, model)
+            for accept in accepts:
+                try:
+                    return self.hooks.output_fn(prediction, accept)
+                except NotAcceptable as error:
+                    refused.append(str(error))
+        raise NotAcceptable(
+            f"no acceptable response type: Accept asks for {', '.join(accepts)}; "
+            + (refused[-1] if refused else f"supported: {', '.join(content.NUMPY_TYPES)}")
+        )
+
+    def pm_has(self, hook: str) -> bool:
+        return bool(getattr(self.hooks.pm.hook, hook).get_hookimpls())

@@ -1,0 +1,210 @@
+"""``smchainer-serve``: serve a model with the SageMaker hosting contract on gunicorn.
+
+Everything that can be checked before forking is checked in the master
+(model source, user script, plugins, port), so bad input ends with one
+``Error: ...`` line and exit code 2 (usage) or 1 (runtime) instead of a
+crash loop of workers.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import socket
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from smchainer.cli import ArgumentParser, add_common_arguments, parse_log_level, run, setup_logging
+from smchainer.errors import SmchainerError, UsageError
+from smchainer.serving import settings as config
+from smchainer.serving.settings import ServerSettings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DIR = "/opt/ml/model"
+
+DESCRIPTION = """\
+Serve a Chainer model with the SageMaker hosting contract on gunicorn.
+
+Endpoints: GET /ping (200 once this worker's model is loaded, else 503),
+POST /invocations, GET /execution-parameters, GET /metrics (Prometheus).
+User code (model_fn, input_fn, predict_fn, output_fn or transform_fn) comes
+from --entry-point, else MODEL_DIR/code/$SAGEMAKER_PROGRAM, else
+MODEL_DIR/code/inference.py; installed plugins (entry-point group
+"smchainer") and the built-in NumPy defaults fill in the rest.
+"""
+
+
+def environment_help() -> str:
+    lines = ["environment variables (options win over them):"]
+    for name, meaning in config.ENVIRONMENT:
+        lines.append(f"  {name}\n      {meaning}")
+    lines.append(
+        "\nexit status: 0 after a clean shutdown (SIGTERM finishes in-flight requests),"
+        " 1 on a runtime error, 2 on bad usage."
+    )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(
+        prog="smchainer-serve",
+        description=DESCRIPTION,
+        epilog=environment_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(parser)
+    parser.add_argument(
+        "--model-dir", default=DEFAULT_MODEL_DIR, metavar="SOURCE",
+        help="the model: a directory, a model.tar.gz, or an s3://bucket/key of either "
+        f"(default {DEFAULT_MODEL_DIR})",
+    )
+    parser.add_argument(
+        "--entry-point", metavar="FILE",
+        help="the user's inference script (a training script with its training behind "
+        "the main guard works too); default MODEL_DIR/code/$SAGEMAKER_PROGRAM or "
+        "MODEL_DIR/code/inference.py",
+    )
+    parser.add_argument(
+        "--workers", metavar="N",
+        help=f"worker processes, each with its own copy of the model (default "
+        f"${config.WORKERS_ENV}, else the CPU count); worker i uses GPU i mod n",
+    )
+    parser.add_argument(
+        "--threads", metavar="N", default=config.DEFAULT_THREADS,
+        help="threads per worker: one runs inferences, the others answer /ping and "
+        f"/metrics and queue requests (default {config.DEFAULT_THREADS})",
+    )
+    parser.add_argument(
+        "--timeout", metavar="SECONDS",
+        help="an /invocations request that takes longer gets 504 (default "
+        f"${config.TIMEOUT_ENV}, else {config.DEFAULT_TIMEOUT})",
+    )
+    parser.add_argument(
+        "--bind", metavar="HOST[:PORT]",
+        help=f"address to listen on (default {config.DEFAULT_HOST})",
+    )
+    parser.add_argument(
+        "--port", metavar="PORT",
+        help=f"port to listen on (default ${config.PORT_ENV}, else {config.DEFAULT_PORT})",
+    )
+    parser.add_argument(
+        "--max-payload-mb", metavar="MB",
+        help="largest request body; larger ones get 413 before they are read (default "
+        f"${config.MAX_PAYLOAD_ENV}, else {config.DEFAULT_MAX_PAYLOAD_MB})",
+    )
+    parser.add_argument(
+        "--log-level", metavar="LEVEL",
+        help=f"debug, info, warning or error (default ${config.LOG_LEVEL_ENV}, else info); "
+        "at debug, error responses carry the traceback",
+    )
+    parser.add_argument(
+        "--endpoint-url", metavar="URL",
+        help="S3-compatible endpoint for an s3:// --model-dir (default $AWS_ENDPOINT_URL)",
+    )
+    return parser
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Fail now, not in gunicorn, when ``host:port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise SmchainerError(
+                f"cannot listen on {host}:{port}: {error.strerror or error}; "
+                "is another server using it? choose another with --port"
+            ) from None
+
+
+def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -> ServerSettings:
+    """Validate everything the workers will need; raise on the first problem."""
+    from smchainer.plugins import describe_plugins, get_plugin_manager
+    from smchainer.serving.model_source import find_user_module, prepare_model_dir
+
+    workers = (config.positive_int(args.workers, "--workers") if args.workers is not None
+               else config.from_env(config.WORKERS_ENV, config.cpu_count()))
+    timeout = (config.positive_int(args.timeout, "--timeout") if args.timeout is not None
+               else config.from_env(config.TIMEOUT_ENV, config.DEFAULT_TIMEOUT))
+    max_payload = (config.positive_int(args.max_payload_mb, "--max-payload-mb")
+                   if args.max_payload_mb is not None
+                   else config.from_env(config.MAX_PAYLOAD_ENV, config.DEFAULT_MAX_PAYLOAD_MB))
+    threads = config.positive_int(args.threads, "--threads")
+    port = config.positive_int(args.port, "--port") if args.port is not None else None
+    host, port = config.parse_bind(args.bind, port)
+    default_accept = os.environ.get(config.DEFAULT_ACCEPT_ENV, "").strip() or config.DEFAULT_ACCEPT
+    if "/" not in default_accept or "*" in default_accept:
+        raise UsageError(
+            f"{config.DEFAULT_ACCEPT_ENV}={default_accept!r} is not a media type "
+            "such as application/json"
+        )
+
+    check_port_free(host, port)
+    model_dir = prepare_model_dir(args.model_dir, work_dir, endpoint_url=args.endpoint_url)
+    user_module = find_user_module(model_dir, args.entry_point)
+    # Built here only to fail before forking; each worker builds its own.
+    pm = get_plugin_manager(user_module=user_module)
+    for plugin in describe_plugins(pm):
+        logger.info("plugin %s (%s): %s", plugin["name"], plugin["kind"],
+                    ", ".join(plugin["hooks"]) or "no hooks")
+    metrics_dir = work_dir / "metrics"
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    return ServerSettings(
+        model_dir=model_dir, user_module=user_module, workers=workers, threads=threads,
+        timeout=timeout, host=host, port=port, max_payload_mb=max_payload,
+        default_accept=default_accept, log_level=log_level, metrics_dir=metrics_dir,
+    )
+
+
+def serve(args: argparse.Namespace, log_level: int) -> int:
+    """Validate, then run gunicorn until it stops; the exit status of the server."""
+    from smchainer.serving.gunicorn_app import ServingApplication
+
+    master = os.getpid()
+    work_dir = Path(tempfile.mkdtemp(prefix="smchainer-serve-"))
+    try:
+        settings = resolve_settings(args, log_level, work_dir)
+        logger.info("serving %s on %s with %d worker(s)", settings.model_dir, settings.bind,
+                    settings.workers)
+        try:
+            ServingApplication(settings).run()
+            code = 0
+        except SystemExit as stop:
+            if os.getpid() != master:
+                raise  # a worker leaving: gunicorn decides its exit status
+            code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+        if code != 0:
+            raise SmchainerError(f"the server stopped with status {code} (see the log above)")
+        return 0
+    finally:
+        if os.getpid() == master:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``smchainer-serve``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    debug = "--debug" in argv
+
+    def body() -> int:
+        args = parser.parse_args(argv)
+        if args.debug:
+            level = logging.DEBUG
+        else:
+            level = parse_log_level(
+                args.log_level or os.environ.get(config.LOG_LEVEL_ENV, "").strip() or "info"
+            )
+        setup_logging(level)
+        return serve(args, level)
+
+    return run(body, lambda: debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""The gunicorn application: smchainer's server through gunicorn's custom-application API.
+
+Worker class: ``gthread``. A ``sync`` worker handles one connection at a
+time, so while an inference runs its ``/ping`` waits, and the platform's
+2-second health check fails on a busy but healthy worker. With ``gthread``
+the worker's threads keep answering ``/ping`` and ``/metrics`` while its
+inference thread (:class:`smchainer.serving.app.InferenceRunner`) computes;
+gunicorn's own timeout then only catches a worker whose main loop hangs, and
+the request timeout is enforced by the app (504).
+
+Workers are not preloaded: each worker builds its own plugin manager and
+imports the user's module after the fork (:meth:`ServingApplication.load`),
+then loads its model in the background (``post_worker_init``). The master
+gives each worker a stable index (reused when a worker is replaced), which
+picks its GPU.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from smchainer.serving.settings import GRACEFUL_TIMEOUT, ServerSettings
+
+logger = logging.getLogger(__name__)
+
+
+def build_app(settings: ServerSettings) -> Any:
+    """A fresh WSGI app with its own plugin manager (called in each worker)."""
+    from smchainer.manager import Hooks
+    from smchainer.plugins import get_plugin_manager
+    from smchainer.serving.app import InferenceApp
+    from smchainer.serving.metrics import WorkerMetrics
+
+    pm = get_plugin_manager(user_module=settings.user_module)
+    return InferenceApp(Hooks(pm), settings, WorkerMetrics(settings.metrics_dir))
+
+
+def pre_fork(server: Any, worker: Any) -> None:
+    """In the master: give the new worker the lowest index no live worker has."""
+    taken = {getattr(w, "smchainer_index", None) for w in server.WORKERS.values()}
+    index = 0
+    while index in taken:
+        index += 1
+    worker.smchainer_index = index
+
+
+def post_worker_init(worker: Any) -> None:
+    """In the worker, once its app is built: start loading the model."""
+    worker.wsgi.start(getattr(worker, "smchainer_index", 0))
+
+
+def gunicorn_log_level(level: int) -> str:
+    """The gunicorn level name for a :mod:`logging` level (numbers round up)."""
+    for name, value in (("debug", 10), ("info", 20), ("warning", 30), ("error", 40)):
+        if level <= value:
+            return name
+    return "critical"
+
+
+class ServingApplication(BaseApplication):
+    """gunicorn configured from :class:`ServerSettings`, serving :func:`build_app`."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        super().__init__(prog="smchainer-serve")
+
+    def gunicorn_options(self) -> dict[str, Any]:
+        settings = self.settings
+        return {
+            "bind": [settings.bind],
+            "workers": settings.workers,
+            "worker_class": "gthread",
+            "threads": settings.threads,
+            "timeout": settings.timeout,
+            "graceful_timeout": min(GRACEFUL_TIMEOUT, settings.timeout),
+            "keepalive": 5,
+            "preload_app": False,
+            "loglevel": gunicorn_log_level(settings.log_level),
+            "errorlog": "-",
+            "accesslog": None,  # the app logs one line per request itself
+            "proc_name": "smchainer-serve",
+            "control_socket_disable": True,
+            "pre_fork": pre_fork,
+            "post_worker_init": post_worker_init,
+        }
+
+    def load_config(self) -> None:
+        for name, value in self.gunicorn_options().items():
+            if name in self.cfg.settings:
+                self.cfg.set(name, value)
+
+    def load(self) -> Any:
+        return build_app(self.settings)

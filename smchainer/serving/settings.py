@@ -1,0 +1,138 @@
+"""The server's settings: command-line options over SageMaker's environment variables.
+
+:class:`ServerSettings` is what the master validates and what each worker's
+WSGI app reads. :data:`ENVIRONMENT` documents every variable the server reads;
+``smchainer-serve --help`` prints it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from smchainer.errors import UsageError
+
+WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
+TIMEOUT_ENV = "SAGEMAKER_MODEL_SERVER_TIMEOUT"
+MAX_PAYLOAD_ENV = "SAGEMAKER_MAX_PAYLOAD_IN_MB"
+PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
+PROGRAM_ENV = "SAGEMAKER_PROGRAM"
+DEFAULT_ACCEPT_ENV = "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT"
+LOG_LEVEL_ENV = "SAGEMAKER_CONTAINER_LOG_LEVEL"
+
+DEFAULT_PORT = 8080
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_TIMEOUT = 60
+DEFAULT_MAX_PAYLOAD_MB = 6
+DEFAULT_THREADS = 4
+DEFAULT_ACCEPT = "application/json"
+#: SageMaker sends SIGKILL 30 s after SIGTERM; in-flight requests get a little less.
+GRACEFUL_TIMEOUT = 25
+
+#: Every environment variable the server reads, with what it means.
+ENVIRONMENT = (
+    (WORKERS_ENV, "number of worker processes (--workers); default: the CPU count"),
+    (TIMEOUT_ENV, "seconds an /invocations request may take (--timeout); "
+     f"default {DEFAULT_TIMEOUT}"),
+    (MAX_PAYLOAD_ENV, "largest request body in MB (--max-payload-mb); "
+     f"default {DEFAULT_MAX_PAYLOAD_MB}"),
+    (PORT_ENV, f"port to listen on (--port); default {DEFAULT_PORT}"),
+    (PROGRAM_ENV, "file name of the user's inference script inside MODEL_DIR/code "
+     "(default inference.py); --entry-point wins"),
+    (DEFAULT_ACCEPT_ENV, "response type when Accept is missing or */*; "
+     f"default {DEFAULT_ACCEPT}"),
+    (LOG_LEVEL_ENV, "log level (--log-level): debug, info, warning, error or a number; "
+     "default info"),
+    ("SMCHAINER_LOAD_PLUGINS", "comma-separated names: load only these installed plugins"),
+    ("SMCHAINER_DISABLE_PLUGIN_AUTOLOAD", "1: load no installed plugin"),
+    ("SMCHAINER_DEVICE", "cpu: keep every worker on the CPU even when GPUs are visible"),
+    ("AWS_ENDPOINT_URL", "S3-compatible endpoint for an s3:// --model-dir (--endpoint-url wins)"),
+)
+
+
+@dataclass
+class ServerSettings:
+    """Everything the server needs once the model source has been resolved."""
+
+    model_dir: Path
+    user_module: Path | None = None
+    workers: int = 1
+    threads: int = DEFAULT_THREADS
+    timeout: int = DEFAULT_TIMEOUT
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    max_payload_mb: int = DEFAULT_MAX_PAYLOAD_MB
+    default_accept: str = DEFAULT_ACCEPT
+    log_level: int = 20
+    metrics_dir: Path | None = None
+    #: a device for every worker ("cpu", "gpu:0"); None: worker i on GPU i mod n
+    device: str | None = None
+
+    @property
+    def bind(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def max_payload_bytes(self) -> int:
+        return self.max_payload_mb * 1024 * 1024
+
+    @property
+    def debug(self) -> bool:
+        """Debug logging is on: error bodies then carry tracebacks."""
+        return self.log_level <= 10
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def positive_int(value: str | int, what: str) -> int:
+    """``value`` as an integer >= 1, or a :class:`UsageError` naming ``what``."""
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise UsageError(f"{what} must be a whole number, not {value!r}") from None
+    if number < 1:
+        raise UsageError(f"{what} must be at least 1, not {number}")
+    return number
+
+
+def from_env(name: str, default: int) -> int:
+    """A positive integer setting from the environment variable ``name``."""
+    value = os.environ.get(name, "").strip()
+    return positive_int(value, name) if value else default
+
+
+def parse_bind(bind: str | None, port: int | None) -> tuple[str, int]:
+    """``--bind HOST[:PORT]`` and ``--port`` as ``(host, port)``.
+
+    The port comes from ``--port``, else the bind address, else
+    ``SAGEMAKER_BIND_TO_PORT``, else 8080.
+    """
+    host, bound_port = DEFAULT_HOST, None
+    if bind:
+        text = bind.strip()
+        if text.startswith("["):  # [::1]:8080
+            host, _, rest = text[1:].partition("]")
+            if rest.startswith(":"):
+                bound_port = rest[1:]
+        elif text.count(":") == 1:
+            host, bound_port = text.split(":")
+        else:
+            host = text
+        if not host:
+            raise UsageError(f"--bind {bind!r} names no host")
+    if port is not None and bound_port is not None and int(bound_port or 0) != port:
+        raise UsageError(f"--bind {bind!r} and --port {port} disagree: give the port once")
+    if port is None and bound_port is not None:
+        port = positive_int(bound_port, "the port in --bind")
+    if port is None:
+        port = from_env(PORT_ENV, DEFAULT_PORT)
+    if not 1 <= port <= 65535:
+        raise UsageError(f"port {port} is out of range 1-65535")
+    return host, port

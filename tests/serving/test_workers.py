@@ -1,0 +1,99 @@
+"""Workers: model_fn once per worker, metrics summed over workers, stable worker indices."""
+from __future__ import annotations
+
+import re
+import time
+import types
+
+import numpy as np
+import pytest
+
+from smchainer.serving.gunicorn_app import pre_fork
+from tests.serving.conftest import MODEL_FN, inputs, make_model_dir, npy_bytes, predict_directly
+
+COUNTING_MODEL_FN = MODEL_FN.replace(
+    "def model_fn(model_dir):\n",
+    "def model_fn(model_dir):\n"
+    "    marker = os.path.join(os.environ['MARKERS'], str(os.getpid()))\n"
+    "    with open(marker, 'a') as file:\n"
+    "        file.write('model_fn\\n')\n",
+)
+
+
+def metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.fixture(scope="module")
+def markers(tmp_path_factory):
+    return tmp_path_factory.mktemp("markers")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("model"), code=COUNTING_MODEL_FN)
+
+
+@pytest.fixture(scope="module")
+def server(start_server, model_dir, markers):
+    server = start_server(
+        ["--model-dir", str(model_dir)],
+        env={"MARKERS": str(markers), "SAGEMAKER_MODEL_SERVER_WORKERS": "2"},
+    )
+    deadline = time.monotonic() + 30
+    while len(list(markers.iterdir())) < 2 or "worker=\"1\"} 1" not in server.request(
+            "GET", "/metrics").body.decode():
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    return server
+
+
+def test_model_fn_runs_once_in_each_of_two_workers(server, markers, model_dir):
+    x = inputs(3)
+    for _ in range(20):
+        reply = server.post(npy_bytes(x), "application/x-npy", "application/x-npy")
+        assert reply.status == 200
+        assert np.array_equal(reply.array(), predict_directly(model_dir / "model.npz", x))
+    files = sorted(markers.iterdir())
+    assert len(files) == 2, files
+    for file in files:
+        assert file.read_text() == "model_fn\n", file
+    assert server.log().count("Booting worker") == 2
+    assert server.request("GET", "/execution-parameters").json()["MaxConcurrentTransforms"] == 2
+
+
+def test_metrics_are_summed_over_the_workers(server):
+    before = server.request("GET", "/metrics").body.decode()
+    name = 'smchainer_requests_total{endpoint="/invocations",status="200"}'
+    start = metric(before, name) or 0
+    for _ in range(12):  # a new connection each: the kernel spreads them over both workers
+        assert server.post(b"[[1, 2, 3, 4]]", "application/json").status == 200
+    after = server.request("GET", "/metrics").body.decode()
+    assert metric(after, name) == start + 12
+    for worker in ("0", "1"):
+        assert metric(after, f'smchainer_model_loaded{{worker="{worker}"}}') == 1
+        assert metric(after, f'smchainer_model_load_seconds{{worker="{worker}"}}') > 0
+    pids = re.findall(r'smchainer_worker_info\{worker="\d",pid="(\d+)",device="cpu"\} 1', after)
+    assert len(set(pids)) == 2, after
+
+
+def test_worker_indices_are_the_lowest_free_ones():
+    def worker(index=None):
+        w = types.SimpleNamespace()
+        if index is not None:
+            w.smchainer_index = index
+        return w
+
+    server = types.SimpleNamespace(WORKERS={})
+    first, second, third = worker(), worker(), worker()
+    for pid, new in enumerate((first, second, third)):
+        pre_fork(server, new)
+        server.WORKERS[pid] = new
+    assert [first.smchainer_index, second.smchainer_index, third.smchainer_index] == [0, 1, 2]
+    del server.WORKERS[1]  # worker 1 died: its replacement takes index 1 (so GPU 1 mod n)
+    replacement = worker()
+    pre_fork(server, replacement)
+    assert replacement.smchainer_index == 1
