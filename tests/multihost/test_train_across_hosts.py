@@ -1,0 +1,125 @@
+"""smchainer-train across two namespace hosts: ChainerMN over a real network."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import command
+from tests.training.helpers import SCRIPT, tar_names, tiny_dataset
+
+pytestmark = [pytest.mark.multihost, pytest.mark.mpi, pytest.mark.slow]
+
+
+def train_across(cluster, job: Path, slots: int, *extra: str) -> list[str]:
+    """smchainer-train --num-processes on host 1, ranks spread over both hosts."""
+    options = " ".join(cluster.mpi_options())
+    return cluster.command(
+        1, command("smchainer-train"), "--num-processes", str(2 * slots),
+        "--hostfile", str(cluster.hostfile(slots)), "--mpi-options", options,
+        "--job-dir", str(job), "--entry-point", str(SCRIPT),
+        "--channel", f"train={tiny_dataset(job.parent / 'data', n=64).parent}",
+        "--hp", "communicator=naive", *extra,
+    )
+
+
+def received(job: Path, rank: int) -> dict:
+    return json.loads((job / "output" / "data" / f"received-{rank}.json").read_text())
+
+
+@pytest.mark.parametrize("slots", [1, 2])
+def test_ranks_on_two_hosts_train_to_the_same_weights(cluster, tmp_path, slots) -> None:
+    job = tmp_path / "job"
+    result = subprocess.run(train_across(cluster, job, slots, "--hp", "epochs=3"),
+                            env=cluster.env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    size = 2 * slots
+    envs = [received(job, rank)["env"] for rank in range(size)]
+    hosts = [env["SM_CURRENT_HOST"] for env in envs]
+    assert hosts == [cluster.hostnames[0]] * slots + [cluster.hostnames[1]] * slots
+    assert all(json.loads(env["SM_HOSTS"]) == cluster.hostnames for env in envs)
+    assert all(env["SM_NUM_GPUS"] == "0" for env in envs)
+    first = np.load(job / "output" / "data" / "weights-0.npz")
+    for rank in range(1, size):
+        other = np.load(job / "output" / "data" / f"weights-{rank}.npz")
+        for name in first.files:
+            np.testing.assert_array_equal(first[name], other[name], err_msg=f"{rank} {name}")
+    assert (job / "output" / "success").exists()
+    assert tar_names(job / "model.tar.gz") == ["model.npz"]
+    # Artifacts once: only rank 0 packs them and reports.
+    assert result.stderr.count("succeeded") == 1, result.stderr[-3000:]
+
+
+def test_a_host_losing_its_link_fails_the_job_in_bounded_time(cluster, tmp_path) -> None:
+    job = tmp_path / "job"
+    process = subprocess.Popen(train_across(cluster, job, 1, "--hp", "epochs=100000"),
+                               env=cluster.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (job / "output" / "data" / "received-1.json").exists():
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+        time.sleep(2)
+        cut = time.monotonic()
+        cluster.link(2, "down")
+        output, _ = process.communicate(timeout=120)
+        elapsed = time.monotonic() - cut
+    finally:
+        if process.poll() is None:
+            process.kill()
+        cluster.link(2, "up")
+    assert process.returncode == 1, output[-3000:]
+    assert elapsed < 60
+    failure = (job / "output" / "failure").read_text()
+    assert failure.startswith("MPIError:"), failure
+    assert not (job / "output" / "success").exists()
+
+
+def rank_pid(job: Path, rank: int) -> int:
+    """The process of ``rank`` of the job in ``job`` (all hosts share one PID space)."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if (f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ
+                and b"smchainer.training.cli" in cmdline and str(job).encode() in cmdline):
+            return int(proc.name)
+    raise LookupError(f"no process for rank {rank}")
+
+
+def test_a_killed_rank_fails_the_job_in_bounded_time(cluster, tmp_path) -> None:
+    import os
+    import signal
+
+    job = tmp_path / "job"
+    process = subprocess.Popen(train_across(cluster, job, 1, "--hp", "epochs=100000"),
+                               env=cluster.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not (job / "output" / "data" / "received-1.json").exists():
+            assert process.poll() is None, process.stdout.read()
+            assert time.monotonic() < deadline, "the job never started"
+            time.sleep(0.5)
+        time.sleep(1)
+        killed = time.monotonic()
+        os.kill(rank_pid(job, 1), signal.SIGKILL)
+        output, _ = process.communicate(timeout=120)
+        elapsed = time.monotonic() - killed
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 1, output[-3000:]
+    assert elapsed < 30
+    assert (job / "output" / "failure").read_text().startswith("MPIError:")
+    assert not (job / "output" / "success").exists()
