@@ -6,7 +6,7 @@ PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo lint clean wheels carry
 
 install: $(STAMP)
 
@@ -25,7 +25,7 @@ test: install
 	if [ $$rc -eq 5 ]; then echo "Error: no test ran"; exit 1; fi; exit $$rc
 
 lint: install
-	$(VENV)/bin/ruff check smchainer plugins tests
+	$(VENV)/bin/ruff check smchainer plugins tests examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache
@@ -33,3 +33,21 @@ clean:
 # Until the trainer lands, the demo lists what a server would load.
 demo: install
 	$(VENV)/bin/smchainer plugins
+
+# What a lent GPU machine (Python 3.12, CuPy 14, torch; no internet) lacks, in the ignored
+# .carry/ folder that the device call carries: see benchmarks/device/README.md.
+CARRY := .carry
+SHARED ?= $(or $(SMCHAINER_SHARED),../shared)
+wheels: install
+	mkdir -p $(CARRY)/wheels
+	$(PY) -m pip wheel --quiet --no-deps --build-constraint build-constraints.txt \
+		-w $(CARRY)/wheels chainer==7.8.1
+	ls -l $(CARRY)/wheels
+
+carry: wheels
+	mkdir -p $(CARRY)/cifar10
+	cp -u $(SHARED)/data/cifar10/train.zip $(SHARED)/data/cifar10/test.zip $(CARRY)/cifar10/
+	@size=$$({ git ls-files -co --exclude-standard -z; printf '%s\0' $(CARRY)/wheels \
+		$(CARRY)/cifar10; } | du -sck --files0-from=- | tail -1 | cut -f1); \
+	echo "tree + $(CARRY)/wheels + $(CARRY)/cifar10: $$((size / 1024)) MiB of 64"; \
+	test $$size -lt 65536 || { echo "Error: over the 64 MiB a device call carries"; exit 1; }

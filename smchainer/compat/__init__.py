@@ -18,6 +18,10 @@ adjusts only the Chainer modules that need it, at the moment they are imported:
     ``compute_indices_and_weights`` uses the ``numpy.float`` alias (removed in
     NumPy 1.24). That one function gets a NumPy view where ``float`` is the
     builtin it always stood for.
+``chainer.backends.cuda``
+    CuPy 12-14: :mod:`smchainer.compat.cupy` keeps CuPy 13's cuDNN enabled
+    under ``-W error``, makes ChainerMN's ``half`` kernels compile on CuPy 14
+    and logs instead of warning that CuPy 14 lacks cuDNN.
 ``chainermn.communicators._memory_utility``
     ``unpack_params`` calls ``xp.array(v, copy=False, dtype=...)``, which NumPy 2
     and CuPy 14 refuse when the dtype differs (a copy is needed). Replaced by a
@@ -30,6 +34,7 @@ works in any order after the first line. Choosing and checking a GPU is
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -37,6 +42,8 @@ import types
 from collections.abc import Callable, Sequence
 
 import numpy
+
+from smchainer.compat import cupy as _cupy
 
 __all__ = ["install", "installed", "NUMPY_2"]
 
@@ -132,6 +139,11 @@ _FIXES: dict[str, _Fix] = {
     "chainer.functions.array.as_strided": _fix_as_strided,
     "chainer.functions.array.resize_images": _fix_resize_images,
     "chainermn.communicators._memory_utility": _fix_memory_utility,
+    "chainer.backends.cuda": _cupy.fix_cuda_backend,
+}
+# module name -> context manager its own code runs inside
+_AROUND: dict[str, Callable[[], contextlib.AbstractContextManager]] = {
+    "chainer.backends.cuda": _cupy.quiet_cudnn_deprecation,
 }
 
 
@@ -152,7 +164,8 @@ class _FixingLoader(importlib.abc.Loader):
             finally:
                 del numpy.sctypes  # type: ignore[attr-defined]
         else:
-            self._wrapped.exec_module(module)
+            with _AROUND.get(module.__name__, contextlib.nullcontext)():
+                self._wrapped.exec_module(module)
         self._after(module)
 
 

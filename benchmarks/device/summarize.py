@@ -1,0 +1,127 @@
+"""Gather what benchmarks/device/run.sh left in its output folder into one summary.json.
+
+Usage: ``python summarize.py OUT STAGES`` where STAGES holds one line per
+stage, ``name exit_code seconds``. Reads env.json, pytest-gpu.xml,
+bench-tf32.json, bench-fp32.json and train.json when they are there; a
+missing or broken file is reported in the summary, never an exception.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Any
+
+
+def read_stages(path: Path) -> dict[str, dict[str, Any]]:
+    """``{stage: {"exit": code, "seconds": s}}`` from run.sh's stage lines."""
+    stages: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return stages
+    for line in path.read_text().splitlines():
+        parts = line.split()
+        if len(parts) == 3:
+            name, code, seconds = parts
+            stages[name] = {"exit": int(code) if code.lstrip("-").isdigit() else code,
+                            "seconds": int(seconds)}
+    return stages
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return {"unreadable": f"{type(exc).__name__}: {exc}"}
+
+
+def read_junit(path: Path) -> dict[str, Any] | None:
+    """Counts and the failed tests' names from a pytest JUnit XML file."""
+    if not path.exists():
+        return None
+    try:
+        root = ElementTree.parse(path).getroot()
+    except ElementTree.ParseError as exc:
+        return {"unreadable": str(exc)}
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    if suite is None:
+        return {"unreadable": "no testsuite"}
+    failed, skipped = [], []
+    for case in suite.iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        if case.find("failure") is not None or case.find("error") is not None:
+            failed.append(name)
+        elif case.find("skipped") is not None:
+            skipped.append(name)
+    total = int(suite.get("tests", 0))
+    return {"tests": total, "failed": failed, "skipped": skipped,
+            "passed": total - len(failed) - len(skipped)}
+
+
+def bench_summary(record: Any) -> Any:
+    """images/s per framework and batch size, the ratios and the top of the profile."""
+    if not isinstance(record, dict) or "frameworks" not in record:
+        return record
+    out: dict[str, Any] = {"tf32": record.get("tf32"), "ratio": record.get("ratio_images_per_s")}
+    for framework in record["frameworks"]:
+        name = framework["framework"]
+        if "error" in framework:
+            out[name] = {"error": framework["error"]}
+            continue
+        out[name] = {str(r["batch_size"]): r.get("images_per_s", r.get("error"))
+                     for r in framework["results"]}
+        profile = framework.get("profile")
+        if profile and "function_ms_per_step" in profile:
+            top = list(profile["function_ms_per_step"].items())[:8]
+            out[f"{name}_profile"] = {
+                "batch_size": profile.get("batch_size"),
+                "phase_ms_per_step": profile.get("phase_ms_per_step"),
+                "top_functions_ms": {k: v["ms_per_step"] for k, v in top},
+            }
+    return out
+
+
+def train_summary(record: Any) -> Any:
+    if not isinstance(record, dict):
+        return record
+    summary = {k: v for k, v in record.items() if k not in ("log", "failure")}
+    log = record.get("log")
+    if isinstance(log, list) and log:
+        summary["last_log_entry"] = log[-1]
+    if "failure" in record:
+        summary["failure_head"] = record["failure"][:600]
+    return summary
+
+
+def summarize(out: Path, stages_file: Path) -> dict[str, Any]:
+    """The summary of one run.sh run."""
+    env = read_json(out / "env.json")
+    keep = ("gpu_name", "cupy", "cuda_runtime", "cuda_driver", "nvrtc", "cudnn_enabled",
+            "chainer", "numpy", "python", "torch", "torch_cudnn", "get_device_gpu0")
+    return {
+        "stages": read_stages(stages_file),
+        "env": {k: env.get(k) for k in keep} if isinstance(env, dict) else env,
+        "tests": read_junit(out / "pytest-gpu.xml"),
+        "bench_tf32": bench_summary(read_json(out / "bench-tf32.json")),
+        "bench_fp32": bench_summary(read_json(out / "bench-fp32.json")),
+        "train": train_summary(read_json(out / "train.json")),
+    }
+
+
+def main(argv: list[str]) -> int:
+    """Write OUT/summary.json and print it."""
+    if len(argv) != 2:
+        print("usage: summarize.py OUT STAGES", file=sys.stderr)
+        return 2
+    out = Path(argv[0])
+    summary = summarize(out, Path(argv[1]))
+    text = json.dumps(summary, indent=2, default=str)
+    (out / "summary.json").write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

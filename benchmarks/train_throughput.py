@@ -1,0 +1,498 @@
+"""VGG-16 training throughput: smchainer (Chainer) against PyTorch eager, same device.
+
+One training step is forward + backward + MomentumSGD update with weight decay
+(lr 0.05, momentum 0.9, 5e-4: the SageMaker example's settings) on a batch that
+already sits on the device, so the figure is the model's speed, not the data
+loader's. Warm-up steps (kernel compilation, cuDNN autotuning, memory pools)
+are excluded; the device is synchronised before the clock starts and before
+it stops, and the loss is read only then (no host sync inside the loop).
+
+Frameworks:
+
+``chainer``
+    :class:`smchainer.models.vgg.VGG`. On CuPy 14 (no cuDNN) its convolutions
+    are im2col + cuBLAS GEMM and the rest are CuPy / Chainer kernels.
+``torch``
+    The same network in PyTorch eager (cuDNN, ``cudnn.benchmark=True``).
+``torch-nocudnn``
+    The same, with cuDNN switched off: PyTorch's own im2col + GEMM path, the
+    like-for-like comparison for Chainer without cuDNN.
+
+TF32 follows ``CUPY_TF32`` (read by CuPy at the first float32 GEMM); PyTorch
+is set to match, so both sides run the same precision. ``--profile`` adds a
+per-function and per-phase time breakdown of one Chainer step (CUDA events,
+one synchronisation at the end). Writes one JSON record (``--out``, else
+stdout)::
+
+    python benchmarks/train_throughput.py --device gpu --out vgg_gpu.json
+    python benchmarks/train_throughput.py --device cpu --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+import smchainer  # noqa: F401  (the compat layer goes in before chainer)
+
+LEARNING_RATE = 0.05
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+N_CLASSES = 10
+FRAMEWORKS = ("chainer", "torch", "torch-nocudnn")
+ENV_RECORDED = ("CUPY_TF32", "CHAINER_CUDNN", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+def tf32_requested() -> bool:
+    """Whether ``CUPY_TF32=1``: TF32 GEMMs for CuPy, and PyTorch set to match."""
+    return os.environ.get("CUPY_TF32", "0").strip() == "1"
+
+
+def synthetic_batches(batch_size: int, count: int, seed: int = 0) -> list[tuple[np.ndarray, ...]]:
+    """``count`` batches of float32 images in [0, 1] and int32 labels, on the host."""
+    rng = np.random.default_rng(seed)
+    return [
+        (
+            rng.random((batch_size, 3, 32, 32), dtype=np.float32),
+            rng.integers(0, N_CLASSES, batch_size).astype(np.int32),
+        )
+        for _ in range(count)
+    ]
+
+
+class _Clock:
+    """Device-synchronised wall clock."""
+
+    def __init__(self, synchronize: Callable[[], None]) -> None:
+        self.synchronize = synchronize
+
+    def time(self) -> float:
+        self.synchronize()
+        return time.perf_counter()
+
+
+def time_steps(step: Callable[[int], Any], clock: _Clock, warmup: int, iters: int) -> dict:
+    """Seconds for ``iters`` calls of ``step`` after ``warmup`` untimed ones."""
+    for i in range(warmup):
+        step(i)
+    start = clock.time()
+    loss = None
+    for i in range(iters):
+        loss = step(i)
+    elapsed = clock.time() - start
+    return {"seconds": elapsed, "last_loss": loss}
+
+
+# --- Chainer --------------------------------------------------------------------------------
+
+def chainer_runner(args: argparse.Namespace) -> dict:
+    """Build the Chainer model and optimizer; returns step, clock and metadata."""
+    import chainer
+    import chainer.functions as F
+
+    from smchainer.device import get_device
+    from smchainer.models.vgg import VGG, count_parameters
+
+    device = get_device("gpu:0" if args.device == "gpu" else "cpu")
+    chainer.config.train = True
+    chainer.config.autotune = False
+    model = VGG(n_classes=N_CLASSES, width=args.width, depth=args.depth)
+    model.to_device(device)
+    optimizer = chainer.optimizers.MomentumSGD(lr=LEARNING_RATE, momentum=MOMENTUM)
+    optimizer.setup(model)
+    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(WEIGHT_DECAY))
+    xp = device.xp
+
+    def prepare(batches):
+        return [(device.send(x), device.send(t)) for x, t in batches]
+
+    def make_step(batches):
+        def step(i):
+            x, t = batches[i % len(batches)]
+            loss = F.softmax_cross_entropy(model(x), t)
+            model.cleargrads()
+            loss.backward()
+            optimizer.update()
+            return loss
+
+        return step
+
+    if xp is np:
+        def synchronize():
+            return None
+    else:
+        synchronize = xp.cuda.Device().synchronize
+    meta: dict[str, Any] = {"parameters": int(count_parameters(model))}
+    if xp is not np:
+        meta["cupy_compute_type_float32"] = _cupy_compute_type(xp)
+    return {"prepare": prepare, "make_step": make_step, "clock": _Clock(synchronize),
+            "loss_value": lambda loss: float(loss.array), "meta": meta, "model": model}
+
+
+def _cupy_compute_type(cupy: Any) -> str:
+    try:
+        from cupy._core import _routines_linalg as linalg
+
+        return str(linalg.compute_type_to_str(linalg.get_compute_type(cupy.dtype("float32"))))
+    except Exception as exc:  # private API: report rather than fail the benchmark
+        return f"unknown ({type(exc).__name__})"
+
+
+class StepProfile:
+    """Chainer function hook timing every function's forward and backward.
+
+    On the GPU each call is bracketed by CUDA events recorded on the stream
+    (no synchronisation until :meth:`summary`), so the step runs as it would.
+    """
+
+    def __init__(self, xp: Any) -> None:
+        import chainer
+
+        self.xp = xp
+        self.records: list[tuple[str, Any, Any]] = []
+        self._open: list[tuple[str, Any]] = []
+        outer = self
+
+        class Hook(chainer.FunctionHook):
+            name = "StepProfile"
+
+            def forward_preprocess(self, function, in_data):
+                outer._start(f"forward {function.label}")
+
+            def forward_postprocess(self, function, in_data):
+                outer._stop()
+
+            def backward_preprocess(self, function, in_data, out_grad):
+                outer._start(f"backward {function.label}")
+
+            def backward_postprocess(self, function, in_data, out_grad):
+                outer._stop()
+
+        self.hook = Hook()
+
+    def _now(self) -> Any:
+        if self.xp is np:
+            return time.perf_counter()
+        event = self.xp.cuda.Event()
+        event.record()
+        return event
+
+    def _start(self, name: str) -> None:
+        self._open.append((name, self._now()))
+
+    def _stop(self) -> None:
+        name, start = self._open.pop()
+        if not self._open:  # nested calls are inside their caller's time
+            self.records.append((name, start, self._now()))
+
+    def summary(self, steps: int) -> dict[str, dict[str, float]]:
+        """Milliseconds per step and calls per step for each ``phase function``."""
+        if self.xp is not np:
+            self.xp.cuda.Device().synchronize()
+        totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+        for name, start, stop in self.records:
+            if self.xp is np:
+                ms = (stop - start) * 1000
+            else:
+                ms = self.xp.cuda.get_elapsed_time(start, stop)
+            totals[name][0] += ms
+            totals[name][1] += 1
+        ranked = sorted(totals.items(), key=lambda item: -item[1][0])
+        return {name: {"ms_per_step": round(ms / steps, 3), "calls_per_step": count / steps}
+                for name, (ms, count) in ranked}
+
+
+def profile_chainer(model: Any, update: Callable[[], None], batches: list, clock: _Clock,
+                    steps: int) -> dict:
+    """Per-phase (synchronised) and per-function (CUDA events) times of Chainer steps."""
+    import chainer.functions as F
+
+    def forward(i: int) -> Any:
+        x, t = batches[i % len(batches)]
+        return F.softmax_cross_entropy(model(x), t)
+
+    def backward(loss: Any) -> None:
+        model.cleargrads()
+        loss.backward()
+
+    backward(forward(0))
+    update()  # warm
+    phases: dict[str, float] = defaultdict(float)
+    for i in range(steps):
+        t0 = clock.time()
+        loss = forward(i)
+        t1 = clock.time()
+        backward(loss)
+        t2 = clock.time()
+        update()
+        t3 = clock.time()
+        phases["forward"] += t1 - t0
+        phases["backward"] += t2 - t1
+        phases["update"] += t3 - t2
+    profile = StepProfile(model.xp)
+    start = clock.time()
+    with profile.hook:
+        for i in range(steps):
+            backward(forward(i))
+            update()
+    hooked = clock.time() - start
+    return {
+        "phase_ms_per_step": {k: round(v / steps * 1000, 3) for k, v in phases.items()},
+        "hooked_step_ms": round(hooked / steps * 1000, 3),
+        "function_ms_per_step": profile.summary(steps),
+    }
+
+
+# --- PyTorch --------------------------------------------------------------------------------
+
+def torch_vgg(torch: Any, depth: int, width: float) -> Any:
+    """The Chainer VGG's twin in PyTorch: same layers, same initial scale, same normalisation."""
+    from smchainer.models.vgg import (
+        CIFAR10_MEAN,
+        CIFAR10_STD,
+        HIDDEN_UNITS,
+        STAGE_WIDTHS,
+        STAGES,
+    )
+
+    nn = torch.nn
+
+    def bn(channels: int, dims: int) -> Any:
+        # Chainer's BatchNormalization: eps 2e-5, running stats decay 0.9.
+        cls = nn.BatchNorm2d if dims == 2 else nn.BatchNorm1d
+        return cls(channels, eps=2e-5, momentum=0.1)
+
+    layers: list[Any] = []
+    in_channels = 3
+    for stage, (count, channels) in enumerate(zip(STAGES[depth], STAGE_WIDTHS, strict=True)):
+        out_channels = max(1, round(channels * width))
+        for index in range(count):
+            layers += [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+                       bn(out_channels, 2), nn.ReLU(inplace=True)]
+            if index < count - 1:
+                layers.append(nn.Dropout(0.3 if stage == 0 else 0.4))
+            in_channels = out_channels
+        layers.append(nn.MaxPool2d(2, 2))
+    hidden = max(1, round(HIDDEN_UNITS * width))
+    layers += [nn.Flatten(), nn.Dropout(0.5), nn.Linear(in_channels, hidden, bias=False),
+               bn(hidden, 1), nn.ReLU(inplace=True), nn.Dropout(0.5),
+               nn.Linear(hidden, N_CLASSES, bias=False)]
+
+    class TorchVGG(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("mean", torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1))
+            self.register_buffer("scale", 1 / torch.tensor(CIFAR10_STD).view(1, 3, 1, 1))
+            self.body = nn.Sequential(*layers)
+
+        def forward(self, x: Any) -> Any:
+            return self.body((x - self.mean) * self.scale)
+
+    return TorchVGG()
+
+
+def torch_runner(args: argparse.Namespace, cudnn: bool) -> dict:
+    """Build the PyTorch model and optimizer; returns step, clock and metadata."""
+    import torch
+
+    torch.manual_seed(0)
+    on_gpu = args.device == "gpu"
+    if on_gpu and not torch.cuda.is_available():
+        raise RuntimeError("--device gpu but torch.cuda.is_available() is False")
+    device = torch.device("cuda:0" if on_gpu else "cpu")
+    torch.backends.cudnn.enabled = cudnn
+    torch.backends.cudnn.benchmark = cudnn
+    torch.backends.cuda.matmul.allow_tf32 = tf32_requested()
+    torch.backends.cudnn.allow_tf32 = tf32_requested()
+    model = torch_vgg(torch, args.depth, args.width).to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
+                                weight_decay=WEIGHT_DECAY)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def prepare(batches):
+        return [(torch.from_numpy(x).to(device), torch.from_numpy(t).long().to(device))
+                for x, t in batches]
+
+    def make_step(batches):
+        def step(i):
+            x, t = batches[i % len(batches)]
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), t)
+            loss.backward()
+            optimizer.step()
+            return loss
+
+        return step
+
+    synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
+    meta = {
+        "parameters": int(sum(p.numel() for p in model.parameters())),
+        "cudnn_enabled": bool(torch.backends.cudnn.enabled),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+        "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+        "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+        "threads": torch.get_num_threads(),
+    }
+    return {"prepare": prepare, "make_step": make_step, "clock": _Clock(synchronize),
+            "loss_value": lambda loss: float(loss.item()), "meta": meta}
+
+
+def torch_info() -> dict:
+    """PyTorch's version and GPU stack, or why it is missing."""
+    try:
+        import torch
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    info = {"version": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn}
+    if torch.cuda.is_available():
+        info["gpu_name"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# --- the benchmark --------------------------------------------------------------------------
+
+def run_framework(name: str, args: argparse.Namespace) -> dict:
+    """All batch sizes for one framework; errors are recorded, not raised."""
+    try:
+        if name == "chainer":
+            runner = chainer_runner(args)
+        else:
+            runner = torch_runner(args, cudnn=(name == "torch"))
+    except Exception as exc:
+        return {"framework": name, "error": f"{type(exc).__name__}: {exc}", "results": []}
+    results = []
+    for batch_size in args.batch_sizes:
+        batches = runner["prepare"](synthetic_batches(batch_size, args.distinct_batches))
+        try:
+            timing = time_steps(runner["make_step"](batches), runner["clock"],
+                                args.warmup, args.iters)
+        except Exception as exc:  # out of memory at a large batch, say: keep the others
+            results.append({"batch_size": batch_size, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        seconds = timing["seconds"]
+        results.append({
+            "batch_size": batch_size,
+            "images_per_s": round(batch_size * args.iters / seconds, 2),
+            "ms_per_step": round(seconds / args.iters * 1000, 3),
+            "last_loss": runner["loss_value"](timing["last_loss"]),
+        })
+        print(f"{name:14s} batch {batch_size:4d}: {results[-1]['images_per_s']:10.1f} images/s"
+              f"  ({results[-1]['ms_per_step']:.2f} ms/step)", file=sys.stderr, flush=True)
+    record = {"framework": name, "meta": runner["meta"], "results": results}
+    if name == "chainer" and args.profile:
+        record["profile"] = _profile(runner, args)
+    return record
+
+
+def _profile(runner: dict, args: argparse.Namespace) -> dict:
+    import chainer
+
+    model = runner["model"]
+    optimizer = chainer.optimizers.MomentumSGD(lr=LEARNING_RATE, momentum=MOMENTUM)
+    optimizer.setup(model)
+    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(WEIGHT_DECAY))
+    batch_size = args.batch_sizes[0]
+    batches = runner["prepare"](synthetic_batches(batch_size, args.distinct_batches, seed=1))
+    try:
+        breakdown = profile_chainer(model, optimizer.update, batches, runner["clock"],
+                                    args.profile_steps)
+        return {"batch_size": batch_size, **breakdown}
+    except Exception as exc:
+        return {"batch_size": batch_size, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def ratios(records: list[dict]) -> dict:
+    """``chainer / other`` images/s for each other framework and batch size."""
+    by: dict[str, dict[int, float]] = {}
+    for record in records:
+        by[record["framework"]] = {r["batch_size"]: r["images_per_s"]
+                                   for r in record["results"] if "images_per_s" in r}
+    out: dict[str, dict[str, float]] = {}
+    for other in ("torch", "torch-nocudnn"):
+        pairs = {bs: by["chainer"][bs] / by[other][bs]
+                 for bs in by.get("chainer", {}) if bs in by.get(other, {})}
+        if pairs:
+            out[f"chainer/{other}"] = {str(bs): round(r, 3) for bs, r in sorted(pairs.items())}
+    return out
+
+
+def write_record(record: dict, path: str) -> None:
+    """Write ``record`` as JSON to ``path`` through a temporary file (never half-written)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as handle:
+        handle.write(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=None,
+                        help="default: all three on the GPU, chainer and torch on the CPU")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=30)
+    parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--distinct-batches", type=int, default=4,
+                        help="batches cycled through, so no step reuses the last one's input")
+    parser.add_argument("--profile", action="store_true",
+                        help="add a per-phase and per-function breakdown of Chainer's step")
+    parser.add_argument("--profile-steps", type=int, default=5)
+    parser.add_argument("--quick", action="store_true",
+                        help="1 warm-up and 3 timed steps: proves it runs, figures are rough")
+    parser.add_argument("--out", help="write the JSON record here (default: stdout)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.warmup, args.iters, args.profile_steps = 1, 3, 2
+    if args.frameworks is None:
+        args.frameworks = list(FRAMEWORKS) if args.device == "gpu" else ["chainer", "torch"]
+    if min(args.batch_sizes) < 1 or args.iters < 1 or args.warmup < 0:
+        parser.error("batch sizes and --iters must be positive, --warmup not negative")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and write its JSON record; 1 when no framework produced a figure."""
+    args = parse_args(argv)
+    from smchainer.compat.cupy import describe_gpu_stack
+
+    uses_torch = any(f.startswith("torch") for f in args.frameworks)
+    record: dict[str, Any] = {
+        "benchmark": "vgg_train_throughput",
+        "step": "forward+backward+MomentumSGD(lr=0.05, momentum=0.9)+WeightDecay(5e-4)",
+        "device": args.device,
+        "model": {"name": f"VGG-{args.depth}", "depth": args.depth, "width": args.width},
+        "tf32": tf32_requested(),
+        "warmup_steps": args.warmup,
+        "timed_steps": args.iters,
+        "host": {"machine": platform.machine(), "cpus": os.cpu_count()},
+        "env": {k: os.environ.get(k) for k in ENV_RECORDED},
+        "chainer_stack": describe_gpu_stack(),
+        "torch_stack": torch_info() if uses_torch else None,
+        "frameworks": [],
+        "ratio_images_per_s": {},
+    }
+    for name in args.frameworks:
+        record["frameworks"].append(run_framework(name, args))
+        record["ratio_images_per_s"] = ratios(record["frameworks"])
+        if args.out:  # after each framework, so a run stopped by a time cap keeps the rest
+            write_record(record, args.out)
+    if not args.out:
+        print(json.dumps(record, indent=2, default=str))
+    print(json.dumps({"ratio_images_per_s": record["ratio_images_per_s"]}), file=sys.stderr)
+    produced = any("images_per_s" in r for f in record["frameworks"] for r in f["results"])
+    return 0 if produced else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
