@@ -1,0 +1,476 @@
+"""``Estimator`` / ``Chainer``: the SageMaker SDK's training calls, run by ``smchainer-train``.
+
+``fit()`` starts ``smchainer-train`` in a child process (``--num-processes N``
+through mpirun when MPI is on), writes its output to ``<job dir>/train.log``
+and, while waiting, prints it line by line in the notebook. A failed job
+raises :class:`TrainingJobError` with the first line of ``output/failure``.
+Arguments that only matter on AWS are accepted and ignored with a warning.
+
+Processes, as with the SageMaker Chainer container: MPI is on when
+``use_mpi`` is true, or when it is not given and ``instance_count`` > 1; the
+number of processes is then ``num_processes``, else ``instance_count`` x
+``process_slots_per_host`` (default: the GPUs for ``local_gpu``, else 1).
+All run on this machine unless a ``hostfile`` names others.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+from smchainer import storage
+from smchainer.api.local_mode import (
+    LOCAL_GPU,
+    device_environment,
+    pick_count,
+    pick_type,
+    positive_int,
+    require_gpu,
+    resolve_instance_type,
+    warn_ignored,
+)
+from smchainer.api.model import Model
+from smchainer.api.session import Session, local_path
+from smchainer.errors import SmchainerError
+
+logger = logging.getLogger(__name__)
+
+LOG_FILE = "train.log"
+DEFAULT_CHANNEL = "training"
+STOP_TIMEOUT = 30.0
+_JOB_NAME_CHARS = re.compile(r"[^A-Za-z0-9-]+")
+
+
+class TrainingJobError(SmchainerError):
+    """A training job failed; ``reason`` is the first line of its failure file."""
+
+    def __init__(self, job_name: str, reason: str, job_dir: Path, returncode: int | None,
+                 log_tail: list[str]) -> None:
+        self.job_name = job_name
+        self.reason = reason
+        self.job_dir = job_dir
+        #: smchainer-train's exit status (``exit_code`` is the CLI's, as for every error)
+        self.returncode = returncode
+        self.log_tail = log_tail
+        self.failure_file = job_dir / "output" / "failure"
+        where = self.failure_file if self.failure_file.exists() else job_dir / LOG_FILE
+        super().__init__(f"training job {job_name} failed: {reason} (see {where})")
+
+
+def new_job_name(base: str | None) -> str:
+    """``<base>-YYYY-mm-dd-HH-MM-SS-mmm`` as the SDK names jobs (63 characters at most)."""
+    now = datetime.datetime.now()
+    stamp = now.strftime("%Y-%m-%d-%H-%M-%S-") + f"{now.microsecond // 1000:03d}"
+    base = _JOB_NAME_CHARS.sub("-", base or "smchainer-chainer").strip("-") or "smchainer"
+    return f"{base[:63 - len(stamp) - 1]}-{stamp}"
+
+
+class TrainingJob:
+    """One run of ``smchainer-train``: its process, its job dir and, once done, its artifacts."""
+
+    def __init__(self, name: str, job_dir: Path, command: list[str], env: dict[str, str],
+                 model_data: str, output_data: str,
+                 checkpoint_sync: tuple[Path, str, str | None] | None = None) -> None:
+        self.name = name
+        self.job_name = name
+        self.job_dir = job_dir
+        self.command = command
+        self._model_data = model_data
+        self._output_data = output_data
+        self._checkpoint_sync = checkpoint_sync
+        self.status = "InProgress"
+        self.failure_reason: str | None = None
+        self.job_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path = job_dir / LOG_FILE
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
+        self._printed = 0
+
+    @property
+    def model_data(self) -> str | None:
+        """``model.tar.gz`` (path or ``s3://`` URI) once the job completed."""
+        return self._model_data if self.status == "Completed" else None
+
+    @property
+    def output_data(self) -> str | None:
+        """``output.tar.gz`` (plots, logs: ``SM_OUTPUT_DATA_DIR``) once the job completed."""
+        return self._output_data if self.status == "Completed" else None
+
+    def _print_new_output(self, stream: IO[str]) -> None:
+        with open(self.log_path, "rb") as log:
+            log.seek(self._printed)
+            chunk = log.read()
+        # Only whole lines, so that a line being written is not cut in two.
+        end = chunk.rfind(b"\n") + 1 if self.process.poll() is None else len(chunk)
+        if end:
+            stream.write(chunk[:end].decode(errors="replace"))
+            stream.flush()
+            self._printed += end
+
+    def wait(self, logs: bool | str = True) -> TrainingJob:
+        """Wait for the job, printing its output when ``logs``; raise if it failed."""
+        show = logs not in (False, None, "None")
+        try:
+            while self.process.poll() is None:
+                if show:
+                    self._print_new_output(sys.stdout)
+                time.sleep(0.1)
+        except KeyboardInterrupt:
+            self.stop()
+            raise
+        if show:
+            self._print_new_output(sys.stdout)
+        self._finish()
+        if self.status == "Failed":
+            assert self.failure_reason is not None
+            raise TrainingJobError(self.name, self.failure_reason, self.job_dir,
+                                   self.process.returncode, self.log_tail())
+        return self
+
+    def _finish(self) -> None:
+        """Settle the status of a job whose process ended; upload its checkpoints."""
+        if self.status != "InProgress":
+            return
+        code = self.process.returncode
+        completed = code == 0 and (self.job_dir / "output" / "success").exists()
+        self.status = "Completed" if completed else "Failed"
+        if not completed:
+            self.failure_reason = self._reason(code)
+        try:
+            self._upload_checkpoints()
+        except SmchainerError:
+            if completed:
+                raise
+            logger.warning("checkpoints of the failed job %s were not uploaded", self.name,
+                           exc_info=True)
+        if completed:
+            logger.info("job %s completed: %s", self.name, self._model_data)
+
+    def _reason(self, code: int | None) -> str:
+        failure = self.job_dir / "output" / "failure"
+        if failure.is_file():
+            for line in failure.read_text(errors="replace").splitlines():
+                if line.strip():
+                    return line.strip()
+        for line in reversed(self.log_tail(200)):
+            if line.startswith("Error:"):
+                return line[len("Error:"):].strip()
+        return f"smchainer-train exited with status {code}"
+
+    def _upload_checkpoints(self) -> None:
+        if self._checkpoint_sync is None:
+            return
+        folder, uri, endpoint_url = self._checkpoint_sync
+        if folder.is_dir() and any(path.is_file() for path in folder.rglob("*")):
+            storage.upload(folder, uri.rstrip("/") + "/", endpoint_url=endpoint_url)
+            logger.info("checkpoints of %s uploaded to %s", self.name, uri)
+
+    def log_tail(self, lines: int = 30) -> list[str]:
+        """The last ``lines`` lines of the job's output."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return []
+        return text.splitlines()[-lines:]
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """Interrupt the job (SIGINT, as Ctrl-C would), then kill it after ``timeout`` s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        if self.status == "InProgress":
+            self.status = "Stopped"
+            self.failure_reason = self._reason(self.process.returncode)
+            try:
+                self._upload_checkpoints()
+            except SmchainerError:
+                logger.warning("checkpoints of the stopped job %s were not uploaded", self.name,
+                               exc_info=True)
+
+    def describe(self) -> dict[str, Any]:
+        """A ``DescribeTrainingJob``-like summary."""
+        if self.status == "InProgress" and self.process.poll() is not None:
+            self._finish()
+        summary: dict[str, Any] = {
+            "TrainingJobName": self.name,
+            "TrainingJobStatus": self.status,
+            "JobDir": str(self.job_dir),
+            "ModelArtifacts": {"S3ModelArtifacts": self.model_data},
+            "OutputData": self.output_data,
+        }
+        if self.failure_reason:
+            summary["FailureReason"] = self.failure_reason
+        return summary
+
+
+class Estimator:
+    """Train with a SageMaker-style script on this machine (see the module docstring).
+
+    :param entry_point: the training script, relative to ``source_dir`` when given.
+    :param source_dir: copied to the job's ``code/`` (it is on the script's import path).
+    :param hyperparameters: passed to the script as ``--key value`` arguments.
+    :param instance_count: processes (or hosts, with a ``hostfile``); ``train_instance_count``
+        is its SDK v1 name.
+    :param instance_type: ``local`` (CPU) or ``local_gpu``; ``train_instance_type`` too.
+    :param output_path: a folder or ``s3://`` prefix that also receives
+        ``<job name>/output/model.tar.gz`` and ``output.tar.gz``.
+    :param checkpoint_local_path: the checkpoint folder (default ``<job dir>/checkpoints``).
+    :param checkpoint_s3_uri: downloaded into the checkpoint folder before the job
+        and the folder uploaded back after it, as SageMaker syncs it.
+    :param environment: extra environment variables of the job.
+    :param sagemaker_session: a :class:`~smchainer.api.session.Session` (S3 endpoint).
+    :param hostfile: an Open MPI hostfile, to run the processes on several hosts.
+    :param jobs_dir: the folder of job trees (default ``./jobs``, as ``smchainer-train``).
+    """
+
+    def __init__(self, entry_point: str | os.PathLike[str], *,
+                 source_dir: str | os.PathLike[str] | None = None,
+                 hyperparameters: dict[str, Any] | None = None,
+                 instance_count: int | None = None, instance_type: str | None = None,
+                 train_instance_count: int | None = None,
+                 train_instance_type: str | None = None,
+                 use_mpi: bool | None = None, num_processes: int | None = None,
+                 process_slots_per_host: int | None = None,
+                 additional_mpi_options: str | None = None,
+                 output_path: str | os.PathLike[str] | None = None,
+                 checkpoint_s3_uri: str | None = None,
+                 checkpoint_local_path: str | os.PathLike[str] | None = None,
+                 base_job_name: str | None = None,
+                 environment: dict[str, str] | None = None,
+                 container_log_level: int | None = None,
+                 sagemaker_session: Session | None = None,
+                 hostfile: str | os.PathLike[str] | None = None,
+                 jobs_dir: str | os.PathLike[str] | None = None,
+                 **aws_only: Any) -> None:
+        if sagemaker_session is not None and not isinstance(sagemaker_session, Session):
+            aws_only["sagemaker_session"] = sagemaker_session
+            sagemaker_session = None
+        warn_ignored(aws_only, type(self).__name__)
+        self.entry_point = str(entry_point)
+        self.source_dir = local_path(source_dir).resolve() if source_dir is not None else None
+        self.hyperparameters_dict = dict(hyperparameters or {})
+        self.instance_count = pick_count("instance_count", instance_count,
+                                         "train_instance_count", train_instance_count)
+        self.instance_type = resolve_instance_type(
+            pick_type(instance_type, train_instance_type, "instance_type",
+                      "train_instance_type"))
+        self.use_mpi = use_mpi
+        self.num_processes = positive_int("num_processes", num_processes)
+        self.process_slots_per_host = positive_int("process_slots_per_host",
+                                                   process_slots_per_host)
+        self.additional_mpi_options = additional_mpi_options
+        self.output_path = str(output_path) if output_path is not None else None
+        self.checkpoint_s3_uri = checkpoint_s3_uri
+        self.checkpoint_local_path = checkpoint_local_path
+        self.base_job_name = base_job_name
+        self.environment = dict(environment or {})
+        self.container_log_level = container_log_level
+        self.sagemaker_session = sagemaker_session or Session()
+        self.hostfile = local_path(hostfile).resolve() if hostfile is not None else None
+        self.jobs_dir = (local_path(jobs_dir) if jobs_dir is not None
+                         else Path.cwd() / "jobs").resolve()
+        self.latest_training_job: TrainingJob | None = None
+        if checkpoint_s3_uri is not None and not storage.is_s3_uri(checkpoint_s3_uri):
+            raise ValueError(f"checkpoint_s3_uri {checkpoint_s3_uri!r} is not an s3:// URI")
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The hyperparameters the job gets, ``sagemaker_*`` launcher keys included."""
+        values = dict(self.hyperparameters_dict)
+        processes = self.processes()
+        if processes is not None:
+            values["sagemaker_use_mpi"] = True
+            values["sagemaker_num_processes"] = processes
+            values["sagemaker_process_slots_per_host"] = self._slots_per_host()
+            if self.additional_mpi_options:
+                values["sagemaker_additional_mpi_options"] = self.additional_mpi_options
+        if self.container_log_level is not None:
+            values["sagemaker_container_log_level"] = self.container_log_level
+        return values
+
+    def _slots_per_host(self) -> int:
+        if self.process_slots_per_host is not None:
+            return self.process_slots_per_host
+        return require_gpu() if self.instance_type == LOCAL_GPU else 1
+
+    def processes(self) -> int | None:
+        """The number of MPI processes, or None for one plain process."""
+        use_mpi = self.use_mpi if self.use_mpi is not None else self.instance_count > 1
+        if not use_mpi:
+            return None
+        if self.num_processes is not None:
+            return self.num_processes
+        return self.instance_count * self._slots_per_host()
+
+    def _channels(self, inputs: Any) -> dict[str, str]:
+        if inputs is None:
+            return {}
+        if not isinstance(inputs, dict):
+            inputs = {DEFAULT_CHANNEL: inputs}
+        channels = {}
+        for name, location in inputs.items():
+            config = getattr(location, "config", None)  # the SDK's TrainingInput
+            if isinstance(config, dict):
+                location = config["DataSource"]["S3DataSource"]["S3Uri"]
+            text = str(location)
+            channels[str(name)] = (text if storage.is_s3_uri(text)
+                                   else str(local_path(text).resolve()))
+        return channels
+
+    def _artifact_places(self, job_name: str, job_dir: Path) -> tuple[str, str]:
+        if self.output_path is None:
+            return str(job_dir / "model.tar.gz"), str(job_dir / "output.tar.gz")
+        if storage.is_s3_uri(self.output_path):
+            prefix = f"{self.output_path.rstrip('/')}/{job_name}/output"
+        else:
+            prefix = str(local_path(self.output_path).resolve() / job_name / "output")
+        return f"{prefix}/model.tar.gz", f"{prefix}/output.tar.gz"
+
+    def training_command(self, channels: dict[str, str], job_name: str,
+                         job_dir: Path) -> list[str]:
+        """The ``smchainer-train`` command line of a job."""
+        command = [sys.executable, "-m", "smchainer.training.cli",
+                   "--entry-point", self.entry_point, "--job-name", job_name,
+                   "--job-dir", str(job_dir)]
+        if self.source_dir is not None:
+            command += ["--source-dir", str(self.source_dir)]
+        for name, location in sorted(channels.items()):
+            command += ["--channel", f"{name}={location}"]
+        for key, value in sorted(self.hyperparameters().items()):
+            command += ["--hp", f"{key}={json.dumps(value)}"]
+        if self.output_path is not None:
+            command += ["--output-path", self.output_path if storage.is_s3_uri(self.output_path)
+                        else str(local_path(self.output_path).resolve())]
+        if self.checkpoint_local_path is not None:
+            command += ["--checkpoint-dir", str(local_path(self.checkpoint_local_path).resolve())]
+        processes = self.processes()
+        if processes is not None:
+            command += ["--num-processes", str(processes)]
+            if self.hostfile is not None:
+                command += ["--hostfile", str(self.hostfile)]
+            if self.additional_mpi_options:
+                command += ["--mpi-options", self.additional_mpi_options]
+        return command
+
+    def _download_checkpoints(self, folder: Path) -> None:
+        assert self.checkpoint_s3_uri is not None
+        bucket, key = storage.parse_s3_uri(self.checkpoint_s3_uri)
+        prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        client = storage.s3_client(self.sagemaker_session.endpoint_url)
+        listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        if listing.get("KeyCount", 0):
+            storage.download(f"s3://{bucket}/{prefix}", folder,
+                             endpoint_url=self.sagemaker_session.endpoint_url)
+            logger.info("checkpoints from %s in %s", self.checkpoint_s3_uri, folder)
+
+    def fit(self, inputs: Any = None, wait: bool = True, logs: bool | str = True,
+            job_name: str | None = None, **aws_only: Any) -> None:
+        """Run a training job.
+
+        :param inputs: channel name -> local path or ``s3://`` URI, or one
+            location (channel ``training``).
+        :param wait: wait for the job (else see ``latest_training_job.wait()``).
+        :param logs: print the job's output while waiting.
+        :param job_name: default ``<base_job_name>-<date-time>``.
+        """
+        warn_ignored(aws_only, "fit")
+        channels = self._channels(inputs)
+        if self.instance_type == LOCAL_GPU:
+            require_gpu()
+        name = job_name or new_job_name(self.base_job_name)
+        job_dir = self.jobs_dir / name
+        checkpoint_sync = None
+        if self.checkpoint_s3_uri is not None:
+            folder = (local_path(self.checkpoint_local_path).resolve()
+                      if self.checkpoint_local_path is not None else job_dir / "checkpoints")
+            folder.mkdir(parents=True, exist_ok=True)
+            self._download_checkpoints(folder)
+            checkpoint_sync = (folder, self.checkpoint_s3_uri, self.sagemaker_session.endpoint_url)
+        env = device_environment(self.instance_type)
+        # A notebook kernel's inline plotting backend cannot draw in another process.
+        if env.get("MPLBACKEND", "").startswith("module://"):
+            del env["MPLBACKEND"]
+        env.update(self.sagemaker_session.environment())
+        env.update(self.environment)
+        model_data, output_data = self._artifact_places(name, job_dir)
+        self.latest_training_job = TrainingJob(
+            name, job_dir, self.training_command(channels, name, job_dir), env,
+            model_data, output_data, checkpoint_sync)
+        if wait:
+            self.latest_training_job.wait(logs=logs)
+
+    def _completed_job(self) -> TrainingJob:
+        job = self.latest_training_job
+        if job is None:
+            raise SmchainerError("no training job yet: call fit() first")
+        if job.status == "InProgress":
+            job.wait(logs=False)
+        if job.status != "Completed":
+            raise SmchainerError(f"training job {job.name} did not complete ({job.status})")
+        return job
+
+    @property
+    def model_data(self) -> str | None:
+        """The latest job's ``model.tar.gz`` (a path or ``s3://`` URI), once it completed."""
+        job = self.latest_training_job
+        return job.model_data if job is not None else None
+
+    @property
+    def output_data(self) -> str | None:
+        """The latest job's ``output.tar.gz``: what the script wrote to ``SM_OUTPUT_DATA_DIR``."""
+        job = self.latest_training_job
+        return job.output_data if job is not None else None
+
+    @property
+    def job_dir(self) -> Path | None:
+        """The latest job's tree (``code/``, ``model/``, ``output/``, ``train.log``...)."""
+        job = self.latest_training_job
+        return job.job_dir if job is not None else None
+
+    def create_model(self, entry_point: str | None = None,
+                     source_dir: str | os.PathLike[str] | None = None,
+                     env: dict[str, str] | None = None, **kwargs: Any) -> Model:
+        """A :class:`~smchainer.api.model.Model` of the latest job, served by its own script.
+
+        The script is the copy in the job's ``code/`` (so later edits of the
+        source dir do not change what was trained), unless ``entry_point`` is given.
+        """
+        job = self._completed_job()
+        code_dir = job.job_dir / "code"
+        if entry_point is None:
+            relative = (Path(self.entry_point) if self.source_dir is not None
+                        else Path(Path(self.entry_point).name))
+            entry_point, source_dir = str(relative), code_dir
+        assert job.model_data is not None
+        return Model(job.model_data, entry_point=entry_point, source_dir=source_dir,
+                     env=env, name=job.name, sagemaker_session=self.sagemaker_session,
+                     **kwargs)
+
+    def deploy(self, initial_instance_count: int = 1, instance_type: str = "local",
+               serializer: Any = None, deserializer: Any = None,
+               endpoint_name: str | None = None, wait: bool = True,
+               model_server_workers: int | None = None, env: dict[str, str] | None = None,
+               **kwargs: Any) -> Any:
+        """Serve the latest job's model locally; see :meth:`Model.deploy`."""
+        model = self.create_model(env=env)
+        return model.deploy(initial_instance_count=initial_instance_count,
+                            instance_type=instance_type, serializer=serializer,
+                            deserializer=deserializer, endpoint_name=endpoint_name,
+                            wait=wait, model_server_workers=model_server_workers, **kwargs)
+
+
+class Chainer(Estimator):
+    """The SageMaker SDK's Chainer estimator, by its name (same arguments as :class:`Estimator`)."""
