@@ -30,9 +30,9 @@ lint: install
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# Until the trainer lands, the demo lists what a server would load.
+# Train a small VGG on a slice of the shared CIFAR-10, serve it, query it.
 demo: install
-	$(VENV)/bin/smchainer plugins
+	$(PY) examples/demo.py
 
 # What a lent GPU machine (Python 3.12, CuPy 14, torch; no internet) lacks, in the ignored
 # .carry/ folder that the device call carries: see benchmarks/device/README.md.
