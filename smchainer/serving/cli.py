@@ -171,6 +171,8 @@ def serve(args: argparse.Namespace, log_level: int) -> int:
         settings = resolve_settings(args, log_level, work_dir)
         logger.info("serving %s on %s with %d worker(s)", settings.model_dir, settings.bind,
                     settings.workers)
+        # Plugins size their thread pools by the worker count (cores per worker).
+        os.environ["SAGEMAKER_MODEL_SERVER_WORKERS"] = str(settings.workers)
         try:
             ServingApplication(settings).run()
             code = 0

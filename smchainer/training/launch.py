@@ -10,8 +10,10 @@ The command is built here so that a user need not know Open MPI's flags:
   than this machine's CPUs (Open MPI would otherwise refuse to start);
 - ``-x NAME`` for every variable a rank needs on another host: ``SM_*``,
   ``NCCL_*``, ``AWS_*``, ``SMCHAINER_*``, ``SAGEMAKER_*``, ``CHAINERMN_*``,
-  ``OMPI_ALLOW_RUN_AS_ROOT*``, ``PATH``, ``LD_LIBRARY_PATH``, ``PYTHONPATH``
-  (by name only, so no secret appears on the command line);
+  ``OMPI_ALLOW_RUN_AS_ROOT*``, ``PATH``, ``LD_LIBRARY_PATH``, ``PYTHONPATH``,
+  ``OMP_NUM_THREADS`` (by name only, so no secret appears on the command line);
+- without a hostfile, ``OMP_NUM_THREADS`` = CPUs // N unless it is set, so the
+  ranks' BLAS threads do not fight over the cores;
 - the user's ``--mpi-options``, then ``python -m smchainer.training.cli`` with
   the job's options and a fixed job dir and job name, so all ranks agree.
 
@@ -35,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 FORWARDED_PREFIXES = ("SM_", "NCCL_", "AWS_", "SMCHAINER_", "SAGEMAKER_", "CHAINERMN_",
                       "OMPI_ALLOW_RUN_AS_ROOT")
-FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "CURRENT_HOST")
+FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "CURRENT_HOST", "OMP_NUM_THREADS")
 
 
 def mpirun_path() -> Path:
@@ -87,6 +89,10 @@ def mpirun_command(spec: JobSpec, environ: Mapping[str, str] | None = None) -> l
 def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
     """Run the job under mpirun; return mpirun's exit status."""
     env = dict(os.environ if environ is None else environ)
+    if spec.hostfile is None and spec.num_processes and "OMP_NUM_THREADS" not in env:
+        # One BLAS thread per core per rank: N ranks each starting a thread per
+        # core made CPU training several times slower here.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // spec.num_processes))
     if hasattr(os, "geteuid") and os.geteuid() == 0:
         # Open MPI refuses to run as root without both of these.
         env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
