@@ -141,3 +141,43 @@ def test_a_killed_rank_fails_the_job_in_bounded_time(cluster, tmp_path) -> None:
     assert code == 1, output[-3000:]
     assert elapsed < 30
     assert_failure_reported(job, output)
+
+
+def test_after_a_lost_rank_the_rerun_resumes_from_the_last_checkpoint(
+        cluster, tmp_path, cifar10) -> None:
+    """The built-in trainer across both hosts: kill rank 1, rerun, resume."""
+    job = tmp_path / "job"
+    options = " ".join(cluster.mpi_options())
+    argv = cluster.command(
+        1, command("smchainer-train"), "--num-processes", "2",
+        "--hostfile", str(cluster.hostfile(1)), "--mpi-options", options, "--job-dir", str(job),
+        "--channel", f"train={cifar10 / 'train.zip'}", "--channel", f"test={cifar10 / 'test.zip'}",
+        "--hp", "train-samples=512", "--hp", "test-samples=64", "--hp", "width=0.125",
+        "--hp", "depth=8", "--hp", "batch-size=16", "--hp", "checkpoint-every=4",
+        "--hp", "communicator=naive", "--hp", "progress-bar=false",
+    )
+    checkpoints = job / "checkpoints"
+    with subprocess.Popen([*argv, "--hp", "epochs=40"], env=cluster.env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True) as process:
+        try:
+            deadline = time.monotonic() + 120
+            while not list(checkpoints.glob("snapshot_iter_8.rank1of2.npz")):
+                assert process.poll() is None, process.stdout.read()[-3000:]
+                assert time.monotonic() < deadline, "no checkpoint was written"
+                time.sleep(0.2)
+            os.kill(rank_pid(job, 1), signal.SIGKILL)
+            output, _ = process.communicate(timeout=60)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert process.returncode == 1, output[-3000:]
+    assert_failure_reported(job, output)
+
+    rerun = subprocess.run([*argv, "--hp", "epochs=2"], env=cluster.env, capture_output=True,
+                           text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    metrics = json.loads((job / "output" / "data" / "metrics.json").read_text())
+    assert metrics["resumed_from_iteration"] >= 8
+    assert metrics["ranks"] == 2
+    assert (job / "output" / "success").exists()
+    assert not (job / "output" / "failure").exists()
