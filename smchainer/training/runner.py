@@ -231,6 +231,9 @@ def export_environment(env: TrainingEnv, world: World) -> dict[str, str]:
     """Set the SM_* contract (and the abort switch under MPI) in ``os.environ``."""
     variables = sm_env.sm_variables(env)
     variables[CHECKPOINT_ENV] = str(env.checkpoints)
+    # Where this process stands in the job, for scripts that do not ask MPI.
+    variables.update(SMCHAINER_RANK=str(env.rank), SMCHAINER_SIZE=str(env.size),
+                     SMCHAINER_LOCAL_RANK=str(env.local_rank))
     if world.distributed:
         variables[ABORT_ENV] = "1"
     os.environ.update(variables)

@@ -53,6 +53,8 @@ def test_ranks_on_two_hosts_train_to_the_same_weights(cluster, tmp_path, slots) 
     assert hosts == [cluster.hostnames[0]] * slots + [cluster.hostnames[1]] * slots
     assert all(json.loads(env["SM_HOSTS"]) == cluster.hostnames for env in envs)
     assert all(env["SM_NUM_GPUS"] == "0" for env in envs)
+    assert [env["SMCHAINER_RANK"] for env in envs] == [str(rank) for rank in range(size)]
+    assert [env["SMCHAINER_LOCAL_RANK"] for env in envs] == [str(i) for i in range(slots)] * 2
     first = np.load(job / "output" / "data" / "weights-0.npz")
     for rank in range(1, size):
         other = np.load(job / "output" / "data" / f"weights-{rank}.npz")

@@ -87,6 +87,9 @@ def test_script_receives_every_sm_variable_and_its_arguments(tmp_path) -> None:
         "SM_RESOURCE_CONFIG": compact(resource),
         "SM_INPUT_DATA_CONFIG": compact({"test": file_mode, "train": file_mode}),
         "SMCHAINER_CHECKPOINT_DIR": f"{job}/checkpoints",
+        "SMCHAINER_RANK": "0",
+        "SMCHAINER_SIZE": "1",
+        "SMCHAINER_LOCAL_RANK": "0",
     }
     training_env = json.loads(env.pop("SM_TRAINING_ENV"))
     assert env == expected
