@@ -73,6 +73,19 @@ def run(body: Callable[[], int | None], debug: Callable[[], bool]) -> int:
         return 1
 
 
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    body: Callable[[argparse.Namespace], int | None],
+) -> int:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run ``body(args)`` under :func:`run`.
+
+    ``--debug`` anywhere on the line shows tracebacks, even of usage errors.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(lambda: body(parser.parse_args(argv)), lambda: "--debug" in argv)
+
+
 def _plugins(args: argparse.Namespace) -> int:
     from smchainer.plugins import describe_plugins, get_plugin_manager
 
@@ -104,19 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The ``smchainer`` command."""
     parser = build_parser()
-    debug = "--debug" in argv
 
-    def body() -> int:
-        args = parser.parse_args(argv)
+    def body(args: argparse.Namespace) -> int:
         setup_logging(logging.DEBUG if args.debug else logging.WARNING)
         if args.command is None:
             parser.print_help()
             return 2
         return args.handler(args)
 
-    return run(body, lambda: debug)
+    return run_command(parser, argv, body)
 
 
 if __name__ == "__main__":

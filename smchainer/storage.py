@@ -46,6 +46,14 @@ def s3_client(endpoint_url: str | None = None) -> Any:
     return boto3.client("s3", endpoint_url=endpoint_url)
 
 
+def _storage_error(error: Exception, uri: str, bucket: str) -> StorageError:
+    """A boto3 error as a :class:`StorageError` that names the bucket or URI."""
+    code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+    if code == "NoSuchBucket":
+        return StorageError(f"{uri}: bucket {bucket!r} does not exist")
+    return StorageError(f"{uri}: {code or error}")
+
+
 def download(uri: str, destination: str | os.PathLike[str], *,
              endpoint_url: str | None = None) -> Path:
     """Download an object, or every object under a prefix, into ``destination``.
@@ -82,13 +90,8 @@ def download(uri: str, destination: str | os.PathLike[str], *,
                 file.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, item["Key"], str(file))
                 count += 1
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code == "NoSuchBucket":
-            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
-        raise StorageError(f"{uri}: {code or error}") from None
-    except BotoCoreError as error:
-        raise StorageError(f"{uri}: {error}") from None
+    except (ClientError, BotoCoreError) as error:
+        raise _storage_error(error, uri, bucket) from None
     if count == 0:
         raise StorageError(f"{uri}: no object or prefix of that name in bucket {bucket!r}")
     logger.info("downloaded %d object(s) from %s to %s", count, uri, target)
@@ -117,13 +120,8 @@ def upload(path: str | os.PathLike[str], uri: str, *, endpoint_url: str | None =
         for file in sorted(p for p in source.rglob("*") if p.is_file()):
             client.upload_file(str(file), bucket, prefix + file.relative_to(source).as_posix())
         return f"{S3_PREFIX}{bucket}/{prefix}"
-    except ClientError as error:
-        code = error.response.get("Error", {}).get("Code", "")
-        if code == "NoSuchBucket":
-            raise StorageError(f"{uri}: bucket {bucket!r} does not exist") from None
-        raise StorageError(f"{uri}: {code or error}") from None
-    except BotoCoreError as error:
-        raise StorageError(f"{uri}: {error}") from None
+    except (ClientError, BotoCoreError) as error:
+        raise _storage_error(error, uri, bucket) from None
 
 
 def _inside(root: Path, relative: str, what: str) -> Path:

@@ -220,7 +220,7 @@ def test_installed_plugins_are_discovered_by_a_fresh_process() -> None:
     image = listed["image"]
     assert image["kind"] == "entrypoint"
     assert image["distribution"] == "smchainer-image"
-    assert image["hooks"] == ["input_fn"]
+    assert "input_fn" in image["hooks"]
 
 
 def test_broken_plugin_is_reported_by_name_distribution_and_version(tmp_path) -> None:

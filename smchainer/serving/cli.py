@@ -17,7 +17,13 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from smchainer.cli import ArgumentParser, add_common_arguments, parse_log_level, run, setup_logging
+from smchainer.cli import (
+    ArgumentParser,
+    add_common_arguments,
+    parse_log_level,
+    run_command,
+    setup_logging,
+)
 from smchainer.errors import SmchainerError, UsageError
 from smchainer.serving import settings as config
 from smchainer.serving.settings import ServerSettings
@@ -190,12 +196,7 @@ def serve(args: argparse.Namespace, log_level: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``smchainer-serve``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    debug = "--debug" in argv
-
-    def body() -> int:
-        args = parser.parse_args(argv)
+    def body(args: argparse.Namespace) -> int:
         if args.debug:
             level = logging.DEBUG
         else:
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(level)
         return serve(args, level)
 
-    return run(body, lambda: debug)
+    return run_command(build_parser(), argv, body)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from smchainer.cli import LOG_FORMAT, ArgumentParser, add_common_arguments, run
+from smchainer.cli import LOG_FORMAT, ArgumentParser, add_common_arguments, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -101,15 +101,10 @@ def _configure_logging(level: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``smchainer-train`` command."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    debug = "--debug" in argv
-
-    def body() -> int:
+    def body(args: argparse.Namespace) -> int:
         from smchainer.training.config import build_spec, resolve_job
         from smchainer.training.mpi import detect_world, under_mpirun
 
-        args = parser.parse_args(argv)
         level = logging.DEBUG if args.debug else logging.INFO
         spec = build_spec(args)
         if spec.num_processes is not None:
@@ -145,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _configure_logging(level if world.rank == 0 else logging.WARNING)
         return run_job(spec, world, level)
 
-    return run(body, lambda: debug)
+    return run_command(build_parser(), argv, body)
 
 
 if __name__ == "__main__":
