@@ -1,0 +1,254 @@
+"""A real smchainer-serve answers CIFAR-10 JPEGs, zips of them, and refuses bad ones.
+
+The model is a small VGG saved exactly as the built-in trainer saves it
+(``model.npz`` and ``smchainer-model.json``), served with no user code; every
+expected answer is the model's own, computed here on the same images decoded
+by the test itself.
+"""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from image_helpers import (
+    CLASSES,
+    cifar_jpegs,
+    encode,
+    forged_png,
+    make_zip,
+    model_scores,
+    pixels,
+    png,
+    save_vgg,
+    softmax,
+)
+from PIL import Image
+
+from smchainer.testing import free_port, shared_folder
+
+TOP_K = 3
+MAX_BATCH = 12
+#: One JPEG per class, and a second cat.
+JPEGS = [f"test/{name}/0003.jpg" for name in CLASSES] + ["test/cat/0000.jpg"]
+
+
+@dataclass
+class Server:
+    port: int
+    process: subprocess.Popen
+    log: Path
+    model: object
+
+    def post(self, body: bytes, content_type: str, accept: str) -> tuple[int, str, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            connection.request("POST", "/invocations", body=body,
+                               headers={"Content-Type": content_type, "Accept": accept})
+            response = connection.getresponse()
+            return response.status, response.getheader("Content-Type", ""), response.read()
+        finally:
+            connection.close()
+
+    def ping(self) -> int:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+        try:
+            connection.request("GET", "/ping")
+            return connection.getresponse().status
+        except OSError:
+            return 0
+        finally:
+            connection.close()
+
+
+def start_server(tmp: Path, plugins: str, **env: str) -> Iterator[Server]:
+    model_dir = tmp / "model"
+    model = save_vgg(model_dir)
+    port = free_port()
+    log = tmp / "server.log"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SMCHAINER_")}
+    environment.update(SMCHAINER_LOAD_PLUGINS=plugins, SMCHAINER_DEVICE="cpu", **env)
+    serve = Path(sys.executable).parent / "smchainer-serve"
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [str(serve), "--model-dir", str(model_dir), "--bind", f"127.0.0.1:{port}",
+             "--workers", "1", "--log-level", "info"],
+            stdout=output, stderr=subprocess.STDOUT, env=environment,
+        )
+    server = Server(port, process, log, model)
+    try:
+        deadline = time.monotonic() + 120
+        while server.ping() != 200:
+            if process.poll() is not None:
+                raise AssertionError(f"server exited with {process.returncode}:\n"
+                                     f"{log.read_text()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server not ready after 120 s:\n{log.read_text()}")
+            time.sleep(0.1)
+        yield server
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def cifar(pytestconfig) -> dict[str, bytes]:
+    folder = shared_folder(pytestconfig.rootpath) / "data" / "cifar10"
+    if not (folder / "test.zip").exists():
+        pytest.skip(f"CIFAR-10 not found at {folder} (set SMCHAINER_SHARED)")
+    return cifar_jpegs(folder, JPEGS)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, cifar) -> Iterator[Server]:
+    yield from start_server(tmp_path_factory.mktemp("image-server"), "image",
+                            SMCHAINER_TOP_K=str(TOP_K),
+                            SMCHAINER_IMAGE_MAX_BATCH=str(MAX_BATCH))
+
+
+def test_a_jpeg_as_json_gives_the_top_classes_with_names(server, cifar) -> None:
+    jpeg = cifar["test/cat/0000.jpg"]
+    status, content_type, body = server.post(jpeg, "image/jpeg", "application/json")
+    assert status == 200, body
+    assert content_type == "application/json"
+    (entry,) = json.loads(body)["predictions"]
+    expected = model_scores(server.model, pixels(jpeg)[None])
+    probabilities = softmax(expected)[0]
+    ranked = np.argsort(-probabilities)[:TOP_K].tolist()
+    assert [c["label"] for c in entry["top_k"]] == ranked
+    assert [c["class"] for c in entry["top_k"]] == [CLASSES[label] for label in ranked]
+    np.testing.assert_allclose([c["probability"] for c in entry["top_k"]],
+                               probabilities[ranked], rtol=1e-4)
+    assert entry["label"] == ranked[0] and entry["class"] == CLASSES[ranked[0]]
+    assert entry["probability"] == entry["top_k"][0]["probability"]
+    np.testing.assert_allclose(entry["scores"], expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_jpeg_as_npy_gives_the_models_own_scores(server, cifar) -> None:
+    jpeg = cifar["test/ship/0003.jpg"]
+    status, content_type, body = server.post(jpeg, "image/jpeg", "application/x-npy")
+    assert status == 200 and content_type == "application/x-npy", body
+    got = np.load(io.BytesIO(body))
+    np.testing.assert_allclose(got, model_scores(server.model, pixels(jpeg)[None]),
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_a_zip_batch_answers_one_entry_per_image_in_name_order(server, cifar) -> None:
+    # Written in reverse and mixed with a folder and macOS metadata, all skipped.
+    members = [(name, cifar[name]) for name in reversed(JPEGS)]
+    members.insert(3, ("test/", b""))
+    members.append(("__MACOSX/test/._x.jpg", b"\x00\x05\x16\x07"))
+    body = make_zip(members)
+    in_order = sorted(JPEGS)
+    expected = model_scores(server.model, np.stack([pixels(cifar[n]) for n in in_order]))
+
+    status, content_type, answer = server.post(body, "application/zip", "application/json")
+    assert status == 200 and content_type == "application/json", answer
+    entries = json.loads(answer)["predictions"]
+    assert [e["image"] for e in entries] == in_order
+    assert [e["label"] for e in entries] == expected.argmax(axis=1).tolist()
+    assert all(len(e["top_k"]) == TOP_K for e in entries)
+
+    status, _, answer = server.post(body, "application/zip", "application/x-npy")
+    assert status == 200, answer
+    np.testing.assert_allclose(np.load(io.BytesIO(answer)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_64_pixel_png_is_resized_to_the_models_32(server, cifar) -> None:
+    with Image.open(io.BytesIO(cifar["test/horse/0003.jpg"])) as image:
+        large = encode(image.convert("RGB").resize((64, 64), Image.BICUBIC))
+    status, _, body = server.post(large, "image/png", "application/x-npy")
+    assert status == 200, body
+    expected = model_scores(server.model, pixels(large, size=(32, 32))[None])
+    np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_every_mode_in_one_zip_is_answered(server) -> None:
+    rng = np.random.default_rng(3)
+    rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    members = [
+        ("1-grey.png", png(rgb[..., 0])),
+        ("2-grey16.png", png(rgb[..., 0].astype(np.uint16) * 257)),
+        ("3-rgba.png", png(np.dstack([rgb, rgb[..., :1]]))),
+        ("4-palette.png", encode(Image.fromarray(rgb).convert("P"))),
+        ("5-cmyk.jpg", encode(Image.fromarray(rgb).convert("CMYK"), "JPEG")),
+        ("6-grey-alpha.png", encode(Image.fromarray(rgb).convert("LA"))),
+    ]
+    status, _, body = server.post(make_zip(members), "application/zip", "application/json")
+    assert status == 200, body
+    entries = json.loads(body)["predictions"]
+    assert [e["image"] for e in entries] == [name for name, _ in members]
+    # Grey and 16-bit grey hold the same picture: the model must see the same input.
+    np.testing.assert_allclose(entries[0]["scores"], entries[1]["scores"], rtol=1e-5)
+
+
+BAD_REQUESTS = [
+    ("truncated jpeg", "image/jpeg", lambda c: c["test/cat/0000.jpg"][:300],
+     "image is not a readable PNG or JPEG"),
+    ("not an image", "image/png", lambda c: b"GIF89a? no, plain text",
+     "image is not a readable PNG or JPEG"),
+    ("huge png", "image/png", lambda c: forged_png(30000), "image is too large"),
+    ("empty body", "image/jpeg", lambda c: b"", "image is empty"),
+    ("bad zip member", "application/zip",
+     lambda c: make_zip([("a.jpg", c["test/cat/0000.jpg"]),
+                         ("b-broken.jpg", c["test/dog/0003.jpg"][:200])]),
+     "b-broken.jpg is not a readable PNG or JPEG"),
+    ("text member", "application/zip",
+     lambda c: make_zip([("a.jpg", c["test/cat/0000.jpg"]), ("readme.txt", b"hi")]),
+     "readme.txt is not a readable PNG or JPEG"),
+    ("huge member", "application/zip",
+     lambda c: make_zip([("a.jpg", c["test/cat/0000.jpg"]), ("huge.png", forged_png(20000))]),
+     "huge.png is too large"),
+    ("too many images", "application/zip",
+     lambda c: make_zip([(f"{i:03}.jpg", c["test/cat/0000.jpg"]) for i in range(MAX_BATCH + 1)]),
+     f"holds {MAX_BATCH + 1} images; at most {MAX_BATCH} per request"),
+    ("not a zip", "application/zip", lambda c: c["test/cat/0000.jpg"],
+     "body is not a readable zip archive"),
+]
+
+
+def test_bad_images_are_400s_with_a_message_and_the_server_survives(server, cifar) -> None:
+    for case, content_type, make_body, message in BAD_REQUESTS:
+        status, response_type, body = server.post(make_body(cifar), content_type,
+                                                  "application/json")
+        assert status == 400, (case, status, body)
+        assert response_type == "application/json", case
+        error = json.loads(body)
+        assert error["status"] == 400 and message in error["error"], (case, error)
+    assert server.process.poll() is None
+    assert server.ping() == 200
+    status, _, body = server.post(cifar["test/cat/0000.jpg"], "image/jpeg", "application/json")
+    assert status == 200 and len(json.loads(body)["predictions"]) == 1
+    log = server.log.read_text()
+    assert "Traceback" not in log and "Worker exiting" not in log, log
+
+
+def test_with_the_onnx_plugin_too_a_jpeg_gets_named_top_classes(tmp_path, cifar) -> None:
+    """The issue's "done when": curl a CIFAR-10 JPEG with both plugins installed."""
+    jpeg = cifar["test/cat/0000.jpg"]
+    for server in start_server(tmp_path, "image,onnx"):
+        status, content_type, body = server.post(jpeg, "image/jpeg", "application/json")
+        assert status == 200 and content_type == "application/json", body
+        (entry,) = json.loads(body)["predictions"]
+        probabilities = softmax(model_scores(server.model, pixels(jpeg)[None]))[0]
+        ranked = np.argsort(-probabilities)[:5].tolist()
+        assert [c["class"] for c in entry["top_k"]] == [CLASSES[label] for label in ranked]
+        np.testing.assert_allclose([c["probability"] for c in entry["top_k"]],
+                                   probabilities[ranked], rtol=1e-3, atol=1e-5)
+        names = sorted(JPEGS)
+        status, _, body = server.post(make_zip([(n, cifar[n]) for n in names]),
+                                      "application/zip", "application/x-npy")
+        assert status == 200, body
+        expected = model_scores(server.model, np.stack([pixels(cifar[n]) for n in names]))
+        np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, rtol=1e-4, atol=1e-4)
+    assert "through ONNX Runtime" in server.log.read_text()
