@@ -6,7 +6,7 @@ PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint clean wheels carry
+.PHONY: install test demo lint clean wheels carry bench
 
 install: $(STAMP)
 
@@ -24,8 +24,14 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "Error: no test ran"; exit 1; fi; exit $$rc
 
+# The CPU benchmark suite, then benchmarks/report.py (tables in benchmarks/README.md, plots in
+# benchmarks/results/plots). BENCH_ARGS=--quick: the smoke version, into a temporary folder.
+BENCH_ARGS ?=
+bench: install
+	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
+
 lint: install
-	$(VENV)/bin/ruff check smchainer plugins tests examples
+	$(VENV)/bin/ruff check smchainer plugins tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -39,6 +39,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
+import benchlib  # beside this script: timestamp, machine, versions, git commit
 import numpy as np
 
 import smchainer  # noqa: F401  (the compat layer goes in before chainer)
@@ -368,7 +369,10 @@ def run_framework(name: str, args: argparse.Namespace) -> dict:
         else:
             runner = torch_runner(args, cudnn=(name == "torch"))
     except Exception as exc:
-        return {"framework": name, "error": f"{type(exc).__name__}: {exc}", "results": []}
+        failed = {"framework": name, "error": f"{type(exc).__name__}: {exc}", "results": []}
+        if isinstance(exc, ImportError):  # torch is the optional `bench` extra
+            failed["skipped"] = "not installed (pip install -e '.[bench]')"
+        return failed
     results = []
     for batch_size in args.batch_sizes:
         batches = runner["prepare"](synthetic_batches(batch_size, args.distinct_batches))
@@ -482,12 +486,17 @@ def main(argv: list[str] | None = None) -> int:
         "frameworks": [],
         "ratio_images_per_s": {},
     }
+    context = benchlib.context(record["benchmark"], args.quick)
+    record.update({k: v for k, v in context.items() if k not in record})
     for name in args.frameworks:
         record["frameworks"].append(run_framework(name, args))
         record["ratio_images_per_s"] = ratios(record["frameworks"])
         if args.out:  # after each framework, so a run stopped by a time cap keeps the rest
             write_record(record, args.out)
-    if not args.out:
+    benchlib.finish(record)
+    if args.out:
+        write_record(record, args.out)
+    else:
         print(json.dumps(record, indent=2, default=str))
     print(json.dumps({"ratio_images_per_s": record["ratio_images_per_s"]}), file=sys.stderr)
     produced = any("images_per_s" in r for f in record["frameworks"] for r in f["results"])

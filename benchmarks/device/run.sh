@@ -17,7 +17,9 @@
 # Knobs (environment): DEADLINE (seconds for the whole script, default 420: the training
 # stage gets what is left of it, at most TRAIN_SECONDS), TEST_SECONDS BENCH_SECONDS
 # TRAIN_SECONDS EPOCHS TRAIN_BATCH TRAIN_LR TRAIN_SCHEDULE, TRAIN_EXTRA_HP ("key=value ..."
-# added as --hp), PYTHON (default python3), SKIP (stage names to skip:
+# added as --hp), MPI_BENCH=1 (adds stage mpi: benchmarks/mpi_scaling.py --device gpu, the
+# end-to-end epoch and NCCL vs no communicator on one rank, capped at MPI_SECONDS, default
+# 150, before train; writes mpi_scaling-*.json), PYTHON (default python3), SKIP (stage names to skip:
 # size install env tests bench train).
 set -u -o pipefail
 
@@ -213,6 +215,10 @@ skipped env || record env environment
 skipped tests || record tests gpu_tests
 skipped bench || record bench-tf32 bench 1 bench-tf32.json --profile --batch-sizes 64 128 256
 skipped bench || record bench-fp32 bench 0 bench-fp32.json --frameworks chainer torch
+if [ "${MPI_BENCH:-0}" = 1 ]; then
+  skipped mpi || record mpi timeout -k 10 "${MPI_SECONDS:-150}" $PY benchmarks/mpi_scaling.py \
+    --device gpu --cifar10 .carry/cifar10 --output-dir "$OUT"
+fi
 skipped train || record train train
 stamp "done"
 $PY benchmarks/device/summarize.py "$OUT" "$STAGES" || true
