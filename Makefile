@@ -32,6 +32,7 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check smchainer plugins tests examples benchmarks
+	$(VENV)/bin/mypy smchainer
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -348,7 +348,7 @@ def decode_members(kind: str, source: str, members: Sequence[str]) -> np.ndarray
                     if image.mode != "RGB":
                         image = image.convert("RGB")
                     if image.size != IMAGE_SHAPE[1:][::-1]:
-                        image = image.resize(IMAGE_SHAPE[1:][::-1], Image.BILINEAR)
+                        image = image.resize(IMAGE_SHAPE[1:][::-1], Image.Resampling.BILINEAR)
                         resized += 1
                     images[position] = np.asarray(image).transpose(2, 0, 1)
             except (UnidentifiedImageError, OSError) as error:

@@ -96,13 +96,13 @@ def _environment_check_module() -> types.ModuleType:
 
 
 def _fix_as_strided(module: types.ModuleType) -> None:
-    grad = module.AsStridedGrad  # type: ignore[attr-defined]
+    grad = module.AsStridedGrad
     grad.forward = _with_globals(grad.forward, np=_NumpyView({"sctypes": _SCTYPES}))
 
 
 def _fix_resize_images(module: types.ModuleType) -> None:
     module.compute_indices_and_weights = _with_globals(  # type: ignore[attr-defined]
-        module.compute_indices_and_weights,  # type: ignore[attr-defined]
+        module.compute_indices_and_weights,
         numpy=_NumpyView({"float": float}),
     )
 

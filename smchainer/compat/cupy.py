@@ -94,7 +94,7 @@ def _fp16_raw(raw: Callable[..., Any]) -> Callable[..., Any]:
 
 def fix_cuda_backend(module: types.ModuleType) -> None:
     """Adjust ``chainer.backends.cuda`` after its import (idempotent)."""
-    raw = module.raw  # type: ignore[attr-defined]
+    raw = module.raw
     if not getattr(raw, "_smchainer_fp16", False):
         module.raw = _fp16_raw(raw)  # type: ignore[attr-defined]
     if not getattr(module, "available", False) or getattr(module, "cudnn_enabled", False):
@@ -103,7 +103,7 @@ def fix_cuda_backend(module: types.ModuleType) -> None:
     major = int(str(getattr(cupy, "__version__", "0")).split(".")[0])
     if major >= 14:
         # Chainer's advice (reinstall CuPy with cuDNN) is impossible on CuPy 14.
-        module.check_cuda_available._already_warned = True  # type: ignore[attr-defined]
+        module.check_cuda_available._already_warned = True
         logger.debug(
             "CuPy %s has no cuDNN: Chainer uses its own GPU kernels (im2col + GEMM)",
             cupy.__version__,  # type: ignore[union-attr]

@@ -146,9 +146,9 @@ def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.nd
     """
     n, channels, height, width = images.shape
     padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    top = rng.integers(0, 2 * pad + 1, size=n)
-    left = rng.integers(0, 2 * pad + 1, size=n)
-    flip = rng.random(n) < 0.5
+    top = np.asarray(rng.integers(0, 2 * pad + 1, size=n))
+    left = np.asarray(rng.integers(0, 2 * pad + 1, size=n))
+    flip = np.asarray(rng.random(n) < 0.5)
     rows = top[:, None] + np.arange(height)
     cols = left[:, None] + np.arange(width)
     cols = np.where(flip[:, None], cols[:, ::-1], cols)
@@ -328,6 +328,7 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
 
     train_set = test_set = None
     if master:
+        assert train is not None and test is not None
         train_set = chainer.datasets.TupleDataset(train.images, train.labels)
         test_set = chainer.datasets.TupleDataset(test.images, test.labels)
     if comm is not None:
@@ -338,6 +339,7 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
         )
         test_set = _materialize(chainermn.scatter_dataset(test_set, comm))
 
+    assert train_set is not None and test_set is not None  # every rank holds its share now
     np.random.seed(hp["seed"])  # Chainer's initializers draw from NumPy's global RNG
     if on_gpu:
         device.xp.random.seed(hp["seed"] + env.rank)  # GPU dropout masks
