@@ -16,6 +16,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -155,3 +156,16 @@ def torch_missing_note() -> str | None:
         return (f"PyTorch skipped: {type(exc).__name__}: {exc} "
                 "(pip install -e '.[bench]' for the comparison)")
     return None
+
+
+def positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: ``kind`` values above zero only."""
+
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise ValueError(text)
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ import smchainer  # noqa: F401  (Chainer's NumPy 2 compat before chainer loads)
 import chainer
 
 # isort: on
+import benchlib
 import chainer.links as L
 from smchainer_onnx.runtime import convert, cpu_count
 
@@ -203,20 +203,6 @@ def versions() -> dict[str, str | None]:
     return found
 
 
-def git_commit() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
-                                  timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    status = git("status", "--porcelain")
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None
-            else None}
-
-
 def table(results: dict[str, dict[str, Any]]) -> str:
     lines = [f"{'framework':<12} {'batch 1 ms':>11} {f'batch {BATCH} img/s':>15}"]
     for name, figures in results.items():
@@ -280,7 +266,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "load_average_after": load_average(),
         },
         "versions": versions(),
-        "git": git_commit(),
+        "git": benchlib.git_commit(),
         "model": {"architecture": "smchainer.models.VGG", "depth": args.depth,
                   "width": args.width, "parameters": int(sum(p.size for p in model.params()))},
         "settings": {
@@ -295,17 +281,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def positive(kind: type) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if not value > 0:
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="inference_throughput", description=__doc__.split("\n\n")[0])
     add_common_arguments(parser)
@@ -313,11 +288,11 @@ def build_parser() -> ArgumentParser:
                         help="smoke run: one warm-up call and two or three timed calls")
     parser.add_argument("--depth", type=int, default=16, choices=sorted(STAGES),
                         help="VGG depth (default 16)")
-    parser.add_argument("--width", type=positive(float), default=1.0,
+    parser.add_argument("--width", type=benchlib.positive(float), default=1.0,
                         help="VGG width multiplier (default 1.0)")
-    parser.add_argument("--repeats", type=positive(int), default=7,
+    parser.add_argument("--repeats", type=benchlib.positive(int), default=7,
                         help=f"timed batch-{BATCH} calls per framework (batch 1: 4x as many)")
-    parser.add_argument("--threads", type=positive(int), default=None,
+    parser.add_argument("--threads", type=benchlib.positive(int), default=None,
                         help="threads of ONNX Runtime and PyTorch (default: the CPUs "
                         "available); Chainer's NumPy uses OpenBLAS's own, set with "
                         "OPENBLAS_NUM_THREADS")

@@ -385,19 +385,6 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     return benchlib.finish(record)
 
 
-def positive(kind: type) -> Any:
-    """An argparse type: ``kind`` values above zero only."""
-
-    def parse(text: str) -> Any:
-        value = kind(text)
-        if not value > 0:
-            raise ValueError(text)
-        return value
-
-    parse.__name__ = f"positive {kind.__name__}"
-    return parse
-
-
 def build_parser() -> ArgumentParser:
     """The command line (``--help`` lists it)."""
     parser = ArgumentParser(prog="serving_load", description=__doc__.split("\n\n")[0])
@@ -407,27 +394,29 @@ def build_parser() -> ArgumentParser:
                         "the ONNX variant only (explicit options win)")
     parser.add_argument("--depth", type=int, choices=(8, 11, 13, 16, 19), default=None,
                         help="VGG depth (default 16)")
-    parser.add_argument("--width", type=positive(float), default=None,
+    parser.add_argument("--width", type=benchlib.positive(float), default=None,
                         help="VGG width multiplier (default 1.0)")
     parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
                         help="onnx: the ONNX Runtime plugin as installed; chainer: "
                         "SMCHAINER_ONNX=0 (default both)")
-    parser.add_argument("--concurrency", type=positive(int), nargs="+", default=list(CONCURRENCY))
-    parser.add_argument("--npy-batches", type=positive(int), nargs="+", default=list(NPY_BATCHES))
+    parser.add_argument("--concurrency", type=benchlib.positive(int), nargs="+",
+                        default=list(CONCURRENCY))
+    parser.add_argument("--npy-batches", type=benchlib.positive(int), nargs="+",
+                        default=list(NPY_BATCHES))
     parser.add_argument("--json-batch", type=int, default=JSON_BATCH,
                         help="images in the JSON body (0: no JSON cells)")
-    parser.add_argument("--max-requests", type=positive(int), default=None,
+    parser.add_argument("--max-requests", type=benchlib.positive(int), default=None,
                         help="requests per cell at most (default 200)")
-    parser.add_argument("--time-limit", type=positive(float), default=None,
+    parser.add_argument("--time-limit", type=benchlib.positive(float), default=None,
                         help="seconds per cell after which no request is sent (default 5)")
-    parser.add_argument("--request-timeout", type=positive(float), default=120.0)
-    parser.add_argument("--workers", type=positive(int), default=None,
+    parser.add_argument("--request-timeout", type=benchlib.positive(float), default=120.0)
+    parser.add_argument("--workers", type=benchlib.positive(int), default=None,
                         help="server workers (default: the CPUs available)")
-    parser.add_argument("--threads", type=positive(int), default=None,
+    parser.add_argument("--threads", type=benchlib.positive(int), default=None,
                         help="BLAS / ONNX Runtime threads per worker (default CPUs // workers)")
-    parser.add_argument("--predict-repeats", type=positive(int), default=None,
+    parser.add_argument("--predict-repeats", type=benchlib.positive(int), default=None,
                         help="timed in-process predict_fn calls per body (default 7)")
-    parser.add_argument("--start-timeout", type=positive(float), default=300.0)
+    parser.add_argument("--start-timeout", type=benchlib.positive(float), default=300.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-zip", type=Path,
                         default=benchlib.cifar10_folder() / "test.zip",
