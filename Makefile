@@ -3,7 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PLUGINS := $(sort $(dir $(wildcard plugins/*/pyproject.toml)))
-STAMP := $(VENV)/.installed
+# Extras to install: e.g. `make install EXTRAS=dev,gpu` (CuPy 14) or
+# `EXTRAS=dev,gpu-cudnn` (CuPy 13.6 + cuDNN 8.9 + CUDA 12.4 wheels, NumPy 1.26).
+EXTRAS ?= dev
+COMMA := ,
+STAMP := $(VENV)/.installed-$(subst $(COMMA),-,$(EXTRAS))
 PYTEST_ARGS ?=
 
 .PHONY: install test demo lint clean wheels carry bench
@@ -15,7 +19,7 @@ $(STAMP): pyproject.toml build-constraints.txt $(wildcard plugins/*/pyproject.to
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.3"
 	$(PY) -m pip install --quiet --build-constraint build-constraints.txt \
-		-e ".[dev]" $(foreach p,$(PLUGINS),-e $(p))
+		-e ".[$(EXTRAS)]" $(foreach p,$(PLUGINS),-e $(p))
 	$(PY) -c "import smchainer, chainer; print('smchainer', smchainer.__version__, 'chainer', chainer.__version__)"
 	touch $(STAMP)
 

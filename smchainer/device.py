@@ -40,6 +40,9 @@ def parse_device(spec: str | int | None) -> int:
 
 def gpu_count() -> int:
     """GPUs visible to this process; 0 when CuPy is missing or sees none."""
+    from smchainer.compat.cupy import preload_cuda_wheels
+
+    preload_cuda_wheels()
     try:
         import cupy
     except Exception:

@@ -16,6 +16,11 @@ import of ``chainer.backends.cuda``; nothing here imports CuPy by itself.
     CuPy 14 has no cuDNN at all, yet Chainer warns at the first GPU use that
     CuPy should be reinstalled with cuDNN (an exception under ``-W error``).
     On CuPy 14 that advice cannot be followed, so it is logged once instead.
+CUDA libraries from PyPI (the ``gpu-cudnn`` extra)
+    CuPy 13 does not look inside the ``nvidia-*-cu12`` wheels for cuDNN,
+    cuBLAS, NCCL..., so without ``LD_LIBRARY_PATH`` Chainer silently ran on the
+    CPU. :func:`preload_cuda_wheels` loads them (``RTLD_GLOBAL``) before CuPy
+    is imported, so CuPy's own look-ups by soname find them.
 """
 from __future__ import annotations
 
@@ -34,6 +39,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FP16_HEADER",
     "cupy_major",
+    "cuda_wheel_libraries",
+    "preload_cuda_wheels",
     "describe_gpu_stack",
     "fix_cuda_backend",
     "quiet_cudnn_deprecation",
@@ -63,9 +70,79 @@ def with_fp16_header(source: str) -> str:
     return f"{FP16_HEADER}\n{source}"
 
 
+#: Load order of the CUDA wheels' libraries: each after what it links against.
+_CUDA_LIBRARY_ORDER = (
+    "libcudart", "libnvJitLink", "libnvrtc", "libcublasLt", "libcublas", "libcufft",
+    "libcurand", "libcusparse", "libcusolver", "libcudnn", "libnccl",
+)
+_preloaded: list[str] | None = None
+
+
+def cuda_wheel_libraries(search_path: list[str] | None = None) -> list[str]:
+    """The shared libraries of installed ``nvidia-*`` wheels, in load order.
+
+    ``search_path`` is where the ``nvidia`` namespace package may live
+    (default: ``sys.path``); nothing is imported.
+    """
+    import glob
+
+    found: list[str] = []
+    for entry in sys.path if search_path is None else search_path:
+        found += glob.glob(os.path.join(entry, "nvidia", "*", "lib", "lib*.so*"))
+
+    def rank(path: str) -> tuple[int, str]:
+        name = os.path.basename(path)
+        for position, prefix in enumerate(_CUDA_LIBRARY_ORDER):
+            if name.startswith(prefix + ".") or name.startswith(prefix + "_"):
+                return position, name
+        return len(_CUDA_LIBRARY_ORDER), name
+
+    unique = {os.path.realpath(path): path for path in found}
+    return sorted(unique.values(), key=rank)
+
+
+def preload_cuda_wheels(search_path: list[str] | None = None) -> list[str]:
+    """Load the CUDA wheels' libraries globally so CuPy finds them; the ones loaded.
+
+    Only for ``cupy-cuda12x`` (the ``gpu-cudnn`` stack: CuPy 13 with the
+    ``nvidia-*-cu12`` wheels); other CuPy builds find their libraries
+    themselves and are left alone. Idempotent; a library that fails to load is
+    logged and skipped rather than stopping the import.
+    """
+    global _preloaded
+    if _preloaded is not None and search_path is None:
+        return _preloaded
+    import ctypes
+    from importlib import metadata
+
+    try:
+        metadata.version("cupy-cuda12x")
+    except metadata.PackageNotFoundError:
+        _preloaded = []
+        return _preloaded
+    loaded = []
+    for path in cuda_wheel_libraries(search_path):
+        try:
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except OSError as error:
+            logger.debug("not preloading %s: %s", path, error)
+            continue
+        loaded.append(path)
+    if loaded:
+        logger.debug("preloaded %d CUDA libraries from the nvidia-* wheels", len(loaded))
+    if search_path is None:
+        _preloaded = loaded
+    return loaded
+
+
 @contextlib.contextmanager
 def quiet_cudnn_deprecation() -> Iterator[None]:
-    """Ignore CuPy's ``cupy.cudnn is deprecated`` warning, and only that one, inside."""
+    """Ignore CuPy's ``cupy.cudnn is deprecated`` warning, and only that one, inside.
+
+    Also the moment CuPy is about to be imported: the CUDA wheels' libraries
+    are preloaded first (:func:`preload_cuda_wheels`).
+    """
+    preload_cuda_wheels()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=CUDNN_DEPRECATION, category=DeprecationWarning)
         yield

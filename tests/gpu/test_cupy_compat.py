@@ -231,3 +231,39 @@ def test_describe_gpu_stack_on_this_machine():
         assert info["cupy"] and info["gpu_count"] >= 1 and info["nvrtc"], info
     else:
         assert info["cupy"] is None and info["error"]
+
+
+def fake_cuda_wheels(root) -> list[str]:
+    """The lib folders of a few nvidia-*-cu12 wheels, with empty files for libraries."""
+    names = {"cudnn": "libcudnn.so.8", "cublas": "libcublas.so.12",
+             "cuda_runtime": "libcudart.so.12", "nccl": "libnccl.so.2",
+             "nvjitlink": "libnvJitLink.so.12"}
+    for package, library in names.items():
+        folder = root / "nvidia" / package / "lib"
+        folder.mkdir(parents=True)
+        (folder / library).write_bytes(b"")
+    (root / "nvidia" / "cublas" / "lib" / "libcublasLt.so.12").write_bytes(b"")
+    return [str(root)]
+
+
+def test_cuda_wheel_libraries_are_found_in_load_order(tmp_path) -> None:
+    from smchainer.compat.cupy import cuda_wheel_libraries
+
+    found = [p.rsplit("/", 1)[1] for p in cuda_wheel_libraries(fake_cuda_wheels(tmp_path))]
+    assert found == ["libcudart.so.12", "libnvJitLink.so.12", "libcublasLt.so.12",
+                     "libcublas.so.12", "libcudnn.so.8", "libnccl.so.2"]
+    assert cuda_wheel_libraries([str(tmp_path / "nowhere")]) == []
+
+
+def test_preloading_is_only_for_the_cupy_cuda12x_stack(tmp_path) -> None:
+    from importlib import metadata
+
+    from smchainer.compat.cupy import preload_cuda_wheels
+
+    try:
+        metadata.version("cupy-cuda12x")
+    except metadata.PackageNotFoundError:
+        # Not that stack: nothing is loaded, even with (broken) libraries present.
+        assert preload_cuda_wheels(fake_cuda_wheels(tmp_path)) == []
+    else:  # pragma: no cover - only where the gpu-cudnn extra is installed
+        pytest.skip("the gpu-cudnn stack is installed: preloading is live here")
