@@ -51,7 +51,9 @@ def model_scores(model_tar, batch: np.ndarray, tmp_path) -> np.ndarray:
 def serve_and_compare(start_server, job, cifar10, tmp_path, env=None):
     batch, classes = cifar_test_images(cifar10)
     expected = model_scores(job / "model.tar.gz", batch, tmp_path)
-    server = start_server(["--model-dir", str(job / "model.tar.gz")], env=env)
+    # One worker: /ping answers for whichever worker gets it, and a request
+    # must not reach a second one still loading.
+    server = start_server(["--model-dir", str(job / "model.tar.gz"), "--workers", "1"], env=env)
     scores = server.post(npy_bytes(batch), "application/x-npy", "application/x-npy")
     assert scores.status == 200, scores.body[:500]
     served = scores.array()
