@@ -31,7 +31,9 @@ test: install
 # The CPU benchmark suite, then benchmarks/report.py (tables in benchmarks/README.md, plots in
 # benchmarks/results/plots). BENCH_ARGS=--quick: the smoke version, into a temporary folder.
 BENCH_ARGS ?=
-bench: install
+# The peers (PyTorch eager) come with the bench extra.
+bench:
+	$(MAKE) install EXTRAS=$(EXTRAS),bench
 	$(PY) benchmarks/run_all.py $(BENCH_ARGS)
 
 lint: install
