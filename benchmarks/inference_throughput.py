@@ -177,21 +177,6 @@ def measure(
     return seconds
 
 
-def load_average() -> list[float] | None:
-    """The 1, 5 and 15 minute load averages, where the system reports them."""
-    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def versions() -> dict[str, str | None]:
     found: dict[str, str | None] = {"python": platform.python_version()}
     for name in ("smchainer", "smchainer-onnx", "chainer", "numpy", "onnx", "onnxruntime",
@@ -216,7 +201,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.threads or cpu_count()
-    load_before = load_average()
+    load_before = benchlib.load_average()
     model = build_chainer_vgg(args.depth, args.width, args.seed)
     functions = runners(model, threads)
     available = {name: f for name, f in functions.items() if f is not None}
@@ -258,12 +243,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "machine": {
             "hostname": platform.node(),
             "platform": platform.platform(),
-            "cpu_model": cpu_model(),
+            "cpu_model": benchlib.cpu_model(),
             "cpus_available": cpu_count(),
             "cpus_total": os.cpu_count(),
             # Other processes' load skews every figure; the ratio less (turns are interleaved).
             "load_average_before": load_before,
-            "load_average_after": load_average(),
+            "load_average_after": benchlib.load_average(),
         },
         "versions": versions(),
         "git": benchlib.git_commit(),
