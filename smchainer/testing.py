@@ -5,6 +5,9 @@
     ``../shared`` beside the project); the test is skipped when it is absent.
 ``plugin_manager``
     A fresh manager with only the built-in defaults (installed plugins off).
+``gpus``
+    The number of usable GPUs; skips (or fails, with ``SMCHAINER_REQUIRE_GPU=1``)
+    without one.
 
 :func:`registered` registers a test plugin for the length of a ``with``.
 """
@@ -46,6 +49,28 @@ def registered(pm, plugin: object, name: str) -> Iterator[object]:
         yield plugin
     finally:
         pm.unregister(name=name)
+
+
+def require_gpu() -> int:
+    """The number of usable GPUs; skip the test when there is none.
+
+    ``SMCHAINER_REQUIRE_GPU=1`` (set on GPU machines) turns the skip into a
+    failure, so a broken CuPy cannot pass as "no GPU here".
+    """
+    from smchainer.device import cuda_unavailable_reason, gpu_count
+
+    reason = cuda_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("SMCHAINER_REQUIRE_GPU") == "1":
+            pytest.fail(f"SMCHAINER_REQUIRE_GPU=1 but no usable GPU: {reason}")
+        pytest.skip(f"no usable GPU: {reason}")
+    return gpu_count()
+
+
+@pytest.fixture
+def gpus() -> int:
+    """The number of usable GPUs (the test is skipped without one: :func:`require_gpu`)."""
+    return require_gpu()
 
 
 def free_port() -> int:

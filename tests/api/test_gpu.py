@@ -1,8 +1,6 @@
 """``local_gpu``: the job and the endpoint on the GPU (skipped where there is none)."""
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -11,18 +9,6 @@ from tests.api.conftest import EXAMPLE, TINY_VGG, alive
 from tests.api.test_flow import reference_logits
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def gpus() -> int:
-    from smchainer.device import cuda_unavailable_reason, gpu_count
-
-    reason = cuda_unavailable_reason()
-    if reason is not None:
-        if os.environ.get("SMCHAINER_REQUIRE_GPU") == "1":
-            pytest.fail(f"SMCHAINER_REQUIRE_GPU=1 but no usable GPU: {reason}")
-        pytest.skip(f"no usable GPU: {reason}")
-    return gpu_count()
 
 
 def test_local_gpu_trains_and_serves_on_the_gpu(gpus, cifar_channels, tmp_path):

@@ -1,12 +1,12 @@
 """Serving on GPUs: worker i on GPU i mod n, the default predict_fn on the worker's device."""
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
 import pytest
 
+from smchainer.testing import require_gpu
 from tests.serving.conftest import MODEL_FN, inputs, make_model_dir, npy_bytes, predict_directly
 
 # A Linear that notes, per worker process, which device it computed on.
@@ -21,20 +21,9 @@ class Probe(L.Linear):
 '''
 
 
-def visible_gpus() -> int:
-    from smchainer.device import cuda_unavailable_reason, gpu_count
-
-    reason = cuda_unavailable_reason()
-    if reason is not None:
-        if os.environ.get("SMCHAINER_REQUIRE_GPU") == "1":
-            pytest.fail(f"SMCHAINER_REQUIRE_GPU=1 but no usable GPU: {reason}")
-        pytest.skip(f"no usable GPU: {reason}")
-    return gpu_count()
-
-
 @pytest.mark.gpu
 def test_each_worker_predicts_on_gpu_i_mod_n(start_server, tmp_path):
-    count = visible_gpus()
+    count = require_gpu()
     markers = tmp_path / "markers"
     markers.mkdir()
     model_dir = make_model_dir(tmp_path / "model", code=PROBE_CODE)
