@@ -12,6 +12,13 @@ smaller or larger members of the family for quick runs.
 The per-channel mean and standard deviation are persistent arrays of the
 model, so they are saved in ``model.npz`` and clients send plain float32
 images in [0, 1].
+
+Two switches change how the same network runs, not what it is (neither is
+saved): ``fused`` runs it channels-last through
+:mod:`smchainer.functions.channels_last` (fused GPU kernels for convolution,
+batch normalisation + ReLU and pooling; same parameters, same results within
+float32 rounding), and ``dropout_scale`` multiplies every dropout rate
+(0 turns dropout off).
 """
 from __future__ import annotations
 
@@ -22,6 +29,8 @@ import chainer
 import chainer.functions as F
 import chainer.links as L
 import numpy as np
+
+from smchainer.functions import channels_last
 
 #: Convolutions per stage for each supported depth (conv layers + 2 linear + 1).
 STAGES: dict[int, tuple[int, ...]] = {
@@ -86,6 +95,10 @@ class VGG(chainer.Chain):
         self.add_persistent("std", _channel_vector(CIFAR10_STD if std is None else std, "std"))
         if np.any(self.std <= 0):
             raise ValueError("VGG std must be positive in every channel")
+        #: Run channels-last with smchainer's fused kernels (see the module docstring).
+        self.fused = False
+        #: Multiplier of every dropout rate (0: no dropout).
+        self.dropout_scale = 1.0
         hidden = max(1, round(HIDDEN_UNITS * width))
         #: ``[[block name, ...] per stage]``, in forward order.
         self.stage_blocks: list[list[str]] = []
@@ -117,17 +130,42 @@ class VGG(chainer.Chain):
     def forward(self, x):
         """Logits (N x n_classes) of float32 images N x 3 x 32 x 32 in [0, 1]."""
         h = self.normalize(x)
+        if self.fused:
+            return self._forward_channels_last(h)
         for stage, names in enumerate(self.stage_blocks):
-            ratio = 0.3 if stage == 0 else 0.4
             for position, name in enumerate(names):
                 h = getattr(self, name)(h)
                 if position < len(names) - 1:
-                    h = F.dropout(h, ratio=ratio)
+                    h = self._dropout(h, 0.3 if stage == 0 else 0.4)
             h = F.max_pooling_2d(h, ksize=2, stride=2)
-        h = F.dropout(h, ratio=0.5)
-        h = F.relu(self.bn_fc1(self.fc1(h)))
-        h = F.dropout(h, ratio=0.5)
+        return self._head(h)
+
+    def _forward_channels_last(self, h):
+        h = F.transpose(h, (0, 2, 3, 1))
+        for stage, names in enumerate(self.stage_blocks):
+            for position, name in enumerate(names):
+                block = getattr(self, name)
+                h = channels_last.batch_norm_relu(channels_last.conv3x3(h, block.conv.W), block.bn)
+                if position < len(names) - 1:
+                    h = self._dropout(h, 0.3 if stage == 0 else 0.4)
+            h = channels_last.max_pool_2x2(h)
+        if h.shape[1:3] != (1, 1):  # flatten in the NCHW order fc1's weights expect
+            h = F.transpose(h, (0, 3, 1, 2))
+        h = F.reshape(h, (h.shape[0], -1))
+        h = self._dropout(h, 0.5)
+        h = channels_last.batch_norm_relu(self.fc1(h), self.bn_fc1)
+        h = self._dropout(h, 0.5)
         return self.fc2(h)
+
+    def _head(self, h):
+        h = self._dropout(h, 0.5)
+        h = F.relu(self.bn_fc1(self.fc1(h)))
+        h = self._dropout(h, 0.5)
+        return self.fc2(h)
+
+    def _dropout(self, h, ratio: float):
+        ratio *= self.dropout_scale
+        return F.dropout(h, ratio=ratio) if ratio > 0 else h
 
     def config(self) -> dict:
         """The constructor arguments that rebuild this network."""

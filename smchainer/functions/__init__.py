@@ -1,0 +1,1 @@
+"""Chainer functions and kernels of smchainer's fast training path."""
