@@ -20,16 +20,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import chainer
+import chainer.functions as F
 import chainer.links as L
 import numpy as np
 from chainer import serializers, training
 from chainer.training import extensions, updaters
 
 import smchainer
-from smchainer import datasets
+from smchainer import datasets, optimizers
 from smchainer.default_plugins.vgg import ARCHITECTURE, METADATA_FILE, MODEL_FILE
 from smchainer.device import get_device
 from smchainer.errors import SmchainerError
+from smchainer.functions.augment import crop_flip
 from smchainer.models.vgg import INPUT_SHAPE, VGG
 
 if TYPE_CHECKING:
@@ -39,6 +41,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 LR_SCHEDULES = ("step", "cosine", "onecycle")
+KERNELS = ("auto", "chainer", "fused")
+#: The largest dropout rate of the network, which the ``dropout`` multiplier must keep below 1.
+MAX_DROPOUT_RATE = 0.5
 #: Share of training spent warming up under the one-cycle schedule.
 ONECYCLE_WARMUP = 0.3
 SNAPSHOT_PATTERN = re.compile(r"^snapshot_iter_(\d+)\.rank(\d+)of(\d+)\.npz$")
@@ -58,6 +63,13 @@ HYPERPARAMETERS: dict[str, tuple[type, Any, str]] = {
     "width": (float, 1.0, "channel multiplier of every layer"),
     "depth": (int, 16, "VGG depth: 8, 11, 13, 16 or 19"),
     "augment": (bool, True, "random 4-pixel-padded crops and horizontal flips"),
+    "kernels": (str, "auto", "auto | chainer | fused: fused runs the network channels-last "
+                "through smchainer's fused kernels (CUDA on a GPU, NumPy on the CPU); chainer "
+                "through Chainer's own functions; auto: fused"),
+    "dropout": (float, 1.0, "multiplier of the network's dropout rates (0: no dropout; < 2, "
+                "as the largest rate is 0.5)"),
+    "label-smoothing": (float, 0.0, "cross entropy against targets smoothed by this much "
+                        "(in [0, 1)); the evaluation loss is the same smoothed loss"),
     "communicator": (str, None, "ChainerMN communicator (default pure_nccl on GPU, naive on CPU)"),
     "checkpoint-every": (int, 0, "snapshot every N iterations (0: every epoch)"),
     "keep-checkpoints": (int, 2, "snapshots kept per rank"),
@@ -104,11 +116,29 @@ def parse_hyperparameters(raw: dict[str, Any]) -> Hyperparameters:
     for name in ("epochs", "batch-size", "eval-batch-size", "keep-checkpoints"):
         if values[name] < 1:
             raise SmchainerError(f"hyperparameter {name} must be at least 1, not {values[name]}")
-    for name in ("iterations", "checkpoint-every", "train-samples", "test-samples"):
+    for name in ("iterations", "checkpoint-every", "train-samples", "test-samples", "weight-decay"):
         if values[name] < 0:
             raise SmchainerError(f"hyperparameter {name} must not be negative")
     if not values["learning-rate"] > 0 or not values["width"] > 0:
         raise SmchainerError("learning-rate and width must be positive")
+    for name in ("kernels", "dropout", "label-smoothing"):  # no run-time default: None is unset
+        if values[name] is None:
+            values[name] = HYPERPARAMETERS[name][1]
+    values["kernels"] = values["kernels"].strip().lower()
+    if values["kernels"] not in KERNELS:
+        raise SmchainerError(
+            f"hyperparameter kernels must be one of {', '.join(KERNELS)}, not {values['kernels']!r}"
+        )
+    limit = 1 / MAX_DROPOUT_RATE
+    if not 0 <= values["dropout"] < limit:
+        raise SmchainerError(
+            f"hyperparameter dropout must be in [0, {limit:g}) (it multiplies dropout rates of "
+            f"up to {MAX_DROPOUT_RATE}, which must stay below 1), not {values['dropout']}"
+        )
+    if not 0 <= values["label-smoothing"] < 1:
+        raise SmchainerError(
+            f"hyperparameter label-smoothing must be in [0, 1), not {values['label-smoothing']}"
+        )
     return values
 
 
@@ -146,9 +176,7 @@ def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.nd
     """
     n, channels, height, width = images.shape
     padded = np.pad(images, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
-    top = np.asarray(rng.integers(0, 2 * pad + 1, size=n))
-    left = np.asarray(rng.integers(0, 2 * pad + 1, size=n))
-    flip = np.asarray(rng.random(n) < 0.5)
+    top, left, flip = draw_crops(rng, n, pad)
     rows = top[:, None] + np.arange(height)
     cols = left[:, None] + np.arange(width)
     cols = np.where(flip[:, None], cols[:, ::-1], cols)
@@ -158,6 +186,20 @@ def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.nd
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]
+
+
+def draw_crops(
+    rng: np.random.Generator, n: int, pad: int = 4
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Crop offsets and flips of ``n`` images: top, left (in ``[0, 2 * pad]``), flip.
+
+    Drawn in this order from ``rng`` by both :func:`augment` and the
+    updater, so a given generator state gives the same crops either way.
+    """
+    top = np.asarray(rng.integers(0, 2 * pad + 1, size=n))
+    left = np.asarray(rng.integers(0, 2 * pad + 1, size=n))
+    flip = np.asarray(rng.random(n) < 0.5)
+    return top, left, flip
 
 
 def stack_batch(batch: list[tuple[np.ndarray, Any]]) -> tuple[np.ndarray, np.ndarray]:
@@ -203,6 +245,47 @@ class DerivedOrderSampler:
         digest = zlib.crc32(np.ascontiguousarray(current_order, dtype=np.int64).tobytes())
         rng = np.random.default_rng([self.seed, self.rank, digest])
         return rng.permutation(len(current_order))
+
+
+# --- the loss ------------------------------------------------------------------------
+
+
+class SmoothedCrossEntropy:
+    """Softmax cross entropy against label-smoothed targets (the Classifier's ``lossfun``).
+
+    The target puts ``1 - eps`` on the label and spreads ``eps`` evenly over
+    all classes (the label included), so an image's loss is
+    ``-((1 - eps) * log p[t] + eps * mean_k log p[k])`` and the result is the
+    mean over the batch. Written with Chainer functions, so it runs and
+    differentiates on the CPU and the GPU alike. Unlike
+    ``F.softmax_cross_entropy`` there is no ignore label: the trainer's labels
+    are all classes.
+    """
+
+    def __init__(self, eps: float) -> None:
+        if not 0 <= eps < 1:
+            raise ValueError(f"label smoothing must be in [0, 1), not {eps}")
+        self.eps = float(eps)
+
+    def __call__(self, y, t):
+        log_p = F.log_softmax(y)
+        per_image = (self.eps - 1) * F.select_item(log_p, t) - self.eps * F.mean(log_p, axis=1)
+        return F.mean(per_image)
+
+    def __repr__(self) -> str:
+        return f"SmoothedCrossEntropy(eps={self.eps})"
+
+
+def resolve_kernels(choice: str, on_gpu: bool) -> str:
+    """``fused`` or ``chainer``: what the ``kernels`` hyperparameter means.
+
+    ``auto`` is ``fused`` on either device: CUDA kernels on a GPU, and on the
+    CPU their NumPy implementation, which is also faster than Chainer's own
+    functions there (about 1.5x for VGG-16 at batch 64 on this project's
+    2-core build machine; ``benchmarks/train_throughput.py``).
+    """
+    del on_gpu  # both devices have both implementations
+    return "fused" if choice == "auto" else choice
 
 
 # --- learning-rate schedules ---------------------------------------------------------
@@ -290,6 +373,7 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     started = time.monotonic()
     device = get_device(env.device)
     on_gpu = device.xp is not np
+    kernels = resolve_kernels(hp["kernels"], on_gpu)
     comm = None
     if env.size > 1:
         import chainermn
@@ -326,20 +410,27 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
             prepared.test_source,
         )
 
-    train_set = test_set = None
+    # Training data are two arrays the updater holds (on the device); the iterator
+    # only deals out their row numbers. Evaluation goes through (image, label) tuples.
+    train_arrays: tuple[np.ndarray, np.ndarray] | None = None
+    test_set = None
     if master:
         assert train is not None and test is not None
-        train_set = chainer.datasets.TupleDataset(train.images, train.labels)
+        train_arrays = (train.images, train.labels)
         test_set = chainer.datasets.TupleDataset(test.images, test.labels)
     if comm is not None:
         import chainermn
 
-        train_set = _materialize(
-            chainermn.scatter_dataset(train_set, comm, shuffle=True, seed=hp["seed"])
+        train_arrays = _materialize(chainermn.scatter_dataset(
+            None if train_arrays is None else chainer.datasets.TupleDataset(*train_arrays),
+            comm, shuffle=True, seed=hp["seed"],
+        ))
+        test_set = chainer.datasets.TupleDataset(
+            *_materialize(chainermn.scatter_dataset(test_set, comm))
         )
-        test_set = _materialize(chainermn.scatter_dataset(test_set, comm))
 
-    assert train_set is not None and test_set is not None  # every rank holds its share now
+    assert train_arrays is not None and test_set is not None  # every rank holds its share now
+    train_images, train_labels = train_arrays
     np.random.seed(hp["seed"])  # Chainer's initializers draw from NumPy's global RNG
     if on_gpu:
         device.xp.random.seed(hp["seed"] + env.rank)  # GPU dropout masks
@@ -347,33 +438,45 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
         n_classes=len(prepared.class_names), width=hp["width"], depth=hp["depth"],
         mean=prepared.mean, std=prepared.std,
     )
-    classifier = L.Classifier(model)
+    model.fused = kernels == "fused"
+    model.dropout_scale = hp["dropout"]
+    if master:
+        logger.info(
+            "kernels: %s (%s)", kernels,
+            f"auto on the {'GPU' if on_gpu else 'CPU'}" if hp["kernels"] == "auto" else "chosen",
+        )
+    if hp["label-smoothing"] > 0:
+        classifier = L.Classifier(model, lossfun=SmoothedCrossEntropy(hp["label-smoothing"]))
+    else:  # Chainer's own function: the unsmoothed loss stays exactly what it was
+        classifier = L.Classifier(model)
     classifier.to_device(device)
 
-    optimizer = chainer.optimizers.MomentumSGD(lr=hp["learning-rate"], momentum=hp["momentum"])
+    # Weight decay inside the momentum update: one kernel per parameter, not two.
+    optimizer = optimizers.MomentumSGD(
+        lr=hp["learning-rate"], momentum=hp["momentum"], weight_decay=hp["weight-decay"]
+    )
     if comm is not None:
         import chainermn
 
         comm.bcast_data(classifier)
         optimizer = chainermn.create_multi_node_optimizer(optimizer, comm)
     optimizer.setup(classifier)
-    if hp["weight-decay"] > 0:
-        optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(hp["weight-decay"]))
 
     batch_size = hp["batch-size"]
     train_iter = chainer.iterators.SerialIterator(
-        train_set, batch_size, order_sampler=DerivedOrderSampler(hp["seed"], env.rank)
+        np.arange(len(train_labels)), batch_size,
+        order_sampler=DerivedOrderSampler(hp["seed"], env.rank),
     )
     test_iter = chainer.iterators.SerialIterator(
         test_set, hp["eval-batch-size"], repeat=False, shuffle=False
     )
     updater = AugmentingUpdater(
         train_iter, optimizer, device=device, seed=hp["seed"], rank=env.rank,
-        augment=hp["augment"],
+        augment=hp["augment"], images=train_images, labels=train_labels,
     )
     if hp["iterations"]:
         stop = (hp["iterations"], "iteration")
-        total_epochs = hp["iterations"] * batch_size / len(train_set)
+        total_epochs = hp["iterations"] * batch_size / len(train_labels)
     else:
         stop = (hp["epochs"], "epoch")
         total_epochs = float(hp["epochs"])
@@ -432,6 +535,7 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
         "train_images": prepared.train_size,
         "test_images": prepared.test_size,
         "ranks": env.size,
+        "kernels": kernels,
         "elapsed_seconds": round(time.monotonic() - started, 3),
     }
     if master:
@@ -445,37 +549,62 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     return metrics
 
 
-def _materialize(subset) -> Any:
-    """A scattered shard as compact arrays (the shard keeps no reference to the whole)."""
-    images, labels = stack_batch([subset[i] for i in range(len(subset))])
-    return chainer.datasets.TupleDataset(images, labels)
+def _materialize(subset) -> tuple[np.ndarray, np.ndarray]:
+    """A scattered shard as compact uint8 images and int32 labels (no reference to the whole)."""
+    return stack_batch([subset[i] for i in range(len(subset))])
 
 
 class AugmentingUpdater(updaters.StandardUpdater):
-    """StandardUpdater whose randomness is a function of (seed, rank, iteration).
+    """StandardUpdater over row numbers of training arrays it holds on the device.
 
-    Each update reseeds NumPy's global RNG (Chainer's CPU dropout draws from
-    it) and augments the uint8 batch with its own generator, so a run resumed
-    from a snapshot repeats the uninterrupted run exactly on the CPU.
+    ``iterator`` yields row numbers (it iterates over ``np.arange(n)``, so
+    snapshots save only its order and position); ``images`` (uint8
+    N x C x H x W) and ``labels`` go to ``device`` once, here. An update then
+    sends one small int64 array (rows, crop offsets, flips) and builds the
+    float32 batch where the data are with :func:`crop_flip`, labels gathered
+    there too: no image crosses the bus and nothing waits for the GPU
+    (CuPy stages the small copy through pinned memory, asynchronously).
+
+    Randomness is a function of (seed, rank, iteration): each update reseeds
+    NumPy's global RNG (Chainer's CPU dropout draws from it) and draws the
+    crops from its own generator, in :func:`augment`'s order, so a run resumed
+    from a snapshot repeats the uninterrupted run exactly on the CPU, with the
+    same results as the former per-batch NumPy pipeline.
     """
 
-    def __init__(self, iterator, optimizer, device, seed: int, rank: int, augment: bool):
+    #: Zero padding of the random crops.
+    pad = 4
+
+    def __init__(
+        self, iterator, optimizer, device, seed: int, rank: int, augment: bool,
+        images: np.ndarray, labels: np.ndarray,
+    ):
         super().__init__(iterator, optimizer, device=device)
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} training images but {len(labels)} labels")
         self.seed = seed
         self.rank = rank
         self.augment = augment
         self.target_device = device
+        self.images = device.send(np.ascontiguousarray(images, dtype=np.uint8))
+        self.labels = device.send(np.ascontiguousarray(labels, dtype=np.int32))
 
     def update_core(self) -> None:
         iterator = self._iterators["main"]
         optimizer = self._optimizers["main"]
         rng = iteration_rng(self.seed, self.rank, self.iteration)
         np.random.seed(int(rng.integers(2**32)))
-        images, labels = stack_batch(iterator.next())
+        rows = np.asarray(iterator.next(), dtype=np.int64)
         if self.augment:
-            images = augment(images, rng)
-        x = to_float(self.target_device.send(images))
-        t = self.target_device.send(labels)
+            top, left, flip = draw_crops(rng, len(rows), self.pad)
+        else:  # the identity crop
+            top = left = np.full(len(rows), self.pad)
+            flip = np.zeros(len(rows), dtype=bool)
+        # One host-to-device copy per update: rows, top, left and flip as one int64 array.
+        steps = np.stack([rows, top, left, flip]).astype(np.int64, copy=False)
+        steps = self.target_device.send(steps)
+        x = crop_flip(self.images, steps[0], steps[1], steps[2], steps[3], self.pad)
+        t = self.labels[steps[0]]
         optimizer.update(optimizer.target, x, t)
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)
