@@ -212,13 +212,16 @@ def train_rows(records: list[Record]) -> list[list[Any]]:
                           if "batch_size" in res})
         model = r.data.get("model", {})
         precision = "TF32" if r.data.get("tf32") else "FP32"
+        ratios = r.data.get("ratio_images_per_s", {})
         for batch in batches:
-            ratio = (r.data.get("ratio_images_per_s", {}).get("chainer/torch") or {}).get(
-                str(batch))
+            ratio = (ratios.get("chainer/torch") or {}).get(str(batch))
+            fused_ratio = (ratios.get("smchainer-fused/torch") or {}).get(str(batch))
             rows.append([r.date, r.machine, r.data.get("device"), precision,
                          f"{model.get('name', '?')} x{model.get('width', 1)}", batch,
-                         figure("chainer", batch), figure("torch", batch),
+                         figure("chainer", batch), figure("smchainer-fused", batch),
+                         figure("torch", batch),
                          fmt(ratio, 3) if ratio is not None else "-",
+                         fmt(fused_ratio, 3) if fused_ratio is not None else "-",
                          figure("torch-nocudnn", batch), load_text(r), commit_text(r),
                          r.source])
     return rows
@@ -378,9 +381,11 @@ def render(records: list[Record], skipped: dict, plots: list[str], plot_prefix: 
              + (f"; {skipped['quick']} `--quick` records left out" if skipped["quick"] else "")
              + "._", ""]
     parts += ["### Training throughput (images/s, forward + backward + update)", "",
+              "`Chainer` runs VGG through Chainer's own functions, `fused` through "
+              "smchainer's channels-last kernels (`VGG.fused`, what `smchainer-train` uses).", "",
               table(["date", "machine", "device", "precision", "model", "batch", "Chainer",
-                     "PyTorch", "Chainer / PyTorch", "PyTorch no cuDNN", "load", "commit",
-                     "record"], train_rows(records))]
+                     "fused", "PyTorch", "Chainer / PyTorch", "fused / PyTorch",
+                     "PyTorch no cuDNN", "load", "commit", "record"], train_rows(records))]
     parts += ["### End-to-end training epoch (`smchainer-train`, data pipeline included)", "",
               table(["date", "machine", "device", "model", "batch / rank", "ranks",
                      "threads / rank", "train images", "epoch images/s", "bare step images/s",
@@ -476,15 +481,16 @@ def make_plots(records: list[Record], folder: Path) -> list[str]:
             continue
         device = f"{r.data.get('device')} {'TF32' if r.data.get('tf32') else 'FP32'}"
         for f in r.data.get("frameworks", []):
-            if f["framework"] != "chainer":
+            if f["framework"] not in ("chainer", "smchainer-fused"):
                 continue
+            label = "" if f["framework"] == "chainer" else " fused"
             for res in f.get("results", []):
                 if "images_per_s" in res:
-                    speed.setdefault(f"{device} b{res['batch_size']}", []).append(
+                    speed.setdefault(f"{device}{label} b{res['batch_size']}", []).append(
                         (r.when, res["images_per_s"]))
-        for batch, value in (r.data.get("ratio_images_per_s", {}).get("chainer/torch")
-                             or {}).items():
-            ratio.setdefault(f"{device} b{batch}", []).append((r.when, value))
+        for key, label in (("chainer/torch", ""), ("smchainer-fused/torch", " fused")):
+            for batch, value in (r.data.get("ratio_images_per_s", {}).get(key) or {}).items():
+                ratio.setdefault(f"{device}{label} b{batch}", []).append((r.when, value))
     figure([(speed, "VGG training, Chainer images/s", True),
             (ratio, "Chainer / PyTorch eager", False)], "train_throughput.png")
 

@@ -10,8 +10,15 @@ it stops, and the loss is read only then (no host sync inside the loop).
 Frameworks:
 
 ``chainer``
-    :class:`smchainer.models.vgg.VGG`. On CuPy 14 (no cuDNN) its convolutions
-    are im2col + cuBLAS GEMM and the rest are CuPy / Chainer kernels.
+    :class:`smchainer.models.vgg.VGG` through Chainer's own functions. On CuPy
+    14 (no cuDNN) its convolutions are im2col + cuBLAS GEMM and the rest are
+    CuPy / Chainer kernels.
+``smchainer-fused``
+    The same model with ``fused = True``: channels-last, through
+    :mod:`smchainer.functions.channels_last` (one im2col kernel + cuBLAS per
+    convolution, batch norm + ReLU and pooling as fused kernels), and
+    :class:`smchainer.optimizers.MomentumSGD` (weight decay inside the
+    update): what the built-in trainer runs on a GPU.
 ``torch``
     The same network in PyTorch eager (cuDNN, ``cudnn.benchmark=True``).
 ``torch-nocudnn``
@@ -48,7 +55,8 @@ LEARNING_RATE = 0.05
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 N_CLASSES = 10
-FRAMEWORKS = ("chainer", "torch", "torch-nocudnn")
+FRAMEWORKS = ("chainer", "smchainer-fused", "torch", "torch-nocudnn")
+CHAINER_FRAMEWORKS = ("chainer", "smchainer-fused")
 ENV_RECORDED = ("CUPY_TF32", "CHAINER_CUDNN", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
 
@@ -94,7 +102,24 @@ def time_steps(step: Callable[[int], Any], clock: _Clock, warmup: int, iters: in
 
 # --- Chainer --------------------------------------------------------------------------------
 
-def chainer_runner(args: argparse.Namespace) -> dict:
+def make_optimizer(model: Any, fused: bool) -> Any:
+    """MomentumSGD with weight decay: Chainer's hook, or smchainer's update that folds it in."""
+    import chainer
+
+    from smchainer import optimizers
+
+    if fused:
+        optimizer = optimizers.MomentumSGD(lr=LEARNING_RATE, momentum=MOMENTUM,
+                                           weight_decay=WEIGHT_DECAY)
+        optimizer.setup(model)
+        return optimizer
+    optimizer = chainer.optimizers.MomentumSGD(lr=LEARNING_RATE, momentum=MOMENTUM)
+    optimizer.setup(model)
+    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(WEIGHT_DECAY))
+    return optimizer
+
+
+def chainer_runner(args: argparse.Namespace, fused: bool = False) -> dict:
     """Build the Chainer model and optimizer; returns step, clock and metadata."""
     import chainer
     import chainer.functions as F
@@ -106,10 +131,9 @@ def chainer_runner(args: argparse.Namespace) -> dict:
     chainer.config.train = True
     chainer.config.autotune = False
     model = VGG(n_classes=N_CLASSES, width=args.width, depth=args.depth)
+    model.fused = fused
     model.to_device(device)
-    optimizer = chainer.optimizers.MomentumSGD(lr=LEARNING_RATE, momentum=MOMENTUM)
-    optimizer.setup(model)
-    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(WEIGHT_DECAY))
+    optimizer = make_optimizer(model, fused)
     xp = device.xp
 
     def prepare(batches):
@@ -364,8 +388,8 @@ def torch_info() -> dict:
 def run_framework(name: str, args: argparse.Namespace) -> dict:
     """All batch sizes for one framework; errors are recorded, not raised."""
     try:
-        if name == "chainer":
-            runner = chainer_runner(args)
+        if name in CHAINER_FRAMEWORKS:
+            runner = chainer_runner(args, fused=(name == "smchainer-fused"))
         else:
             runner = torch_runner(args, cudnn=(name == "torch"))
     except Exception as exc:
@@ -392,18 +416,14 @@ def run_framework(name: str, args: argparse.Namespace) -> dict:
         print(f"{name:14s} batch {batch_size:4d}: {results[-1]['images_per_s']:10.1f} images/s"
               f"  ({results[-1]['ms_per_step']:.2f} ms/step)", file=sys.stderr, flush=True)
     record = {"framework": name, "meta": runner["meta"], "results": results}
-    if name == "chainer" and args.profile:
+    if name in CHAINER_FRAMEWORKS and args.profile:
         record["profile"] = _profile(runner, args)
     return record
 
 
 def _profile(runner: dict, args: argparse.Namespace) -> dict:
-    import chainer
-
     model = runner["model"]
-    optimizer = chainer.optimizers.MomentumSGD(lr=LEARNING_RATE, momentum=MOMENTUM)
-    optimizer.setup(model)
-    optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(WEIGHT_DECAY))
+    optimizer = make_optimizer(model, fused=model.fused)
     batch_size = args.batch_sizes[0]
     batches = runner["prepare"](synthetic_batches(batch_size, args.distinct_batches, seed=1))
     try:
@@ -415,17 +435,20 @@ def _profile(runner: dict, args: argparse.Namespace) -> dict:
 
 
 def ratios(records: list[dict]) -> dict:
-    """``chainer / other`` images/s for each other framework and batch size."""
+    """``chainer / other`` and ``smchainer-fused / other`` images/s per batch size."""
     by: dict[str, dict[int, float]] = {}
     for record in records:
         by[record["framework"]] = {r["batch_size"]: r["images_per_s"]
                                    for r in record["results"] if "images_per_s" in r}
     out: dict[str, dict[str, float]] = {}
-    for other in ("torch", "torch-nocudnn"):
-        pairs = {bs: by["chainer"][bs] / by[other][bs]
-                 for bs in by.get("chainer", {}) if bs in by.get(other, {})}
-        if pairs:
-            out[f"chainer/{other}"] = {str(bs): round(r, 3) for bs, r in sorted(pairs.items())}
+    for mine in CHAINER_FRAMEWORKS:
+        for other in ("torch", "torch-nocudnn", "chainer"):
+            if other == mine:
+                continue
+            pairs = {bs: by[mine][bs] / by[other][bs]
+                     for bs in by.get(mine, {}) if bs in by.get(other, {})}
+            if pairs:
+                out[f"{mine}/{other}"] = {str(bs): round(r, 3) for bs, r in sorted(pairs.items())}
     return out
 
 
@@ -442,7 +465,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=None,
-                        help="default: all three on the GPU, chainer and torch on the CPU")
+                        help="default: all four on the GPU, all but torch-nocudnn on the CPU")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--depth", type=int, default=16)
@@ -459,7 +482,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.warmup, args.iters, args.profile_steps = 1, 3, 2
     if args.frameworks is None:
-        args.frameworks = list(FRAMEWORKS) if args.device == "gpu" else ["chainer", "torch"]
+        args.frameworks = (list(FRAMEWORKS) if args.device == "gpu"
+                           else ["chainer", "smchainer-fused", "torch"])
     if min(args.batch_sizes) < 1 or args.iters < 1 or args.warmup < 0:
         parser.error("batch sizes and --iters must be positive, --warmup not negative")
     return args

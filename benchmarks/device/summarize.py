@@ -86,10 +86,17 @@ def bench_summary(record: Any) -> Any:
 def train_summary(record: Any) -> Any:
     if not isinstance(record, dict):
         return record
-    summary = {k: v for k, v in record.items() if k not in ("log", "failure")}
+    summary = {k: v for k, v in record.items() if k not in ("log", "failure", "model")}
     log = record.get("log")
     if isinstance(log, list) and log:
         summary["last_log_entry"] = log[-1]
+        summary["validation_accuracy_by_epoch"] = [
+            round(entry["validation/main/accuracy"], 4) for entry in log
+            if "validation/main/accuracy" in entry
+        ]
+    model = record.get("model")
+    if isinstance(model, dict):
+        summary["hyperparameters"] = model.get("hyperparameters")
     if "failure" in record:
         summary["failure_head"] = record["failure"][:600]
     return summary
