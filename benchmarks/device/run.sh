@@ -12,6 +12,8 @@
 #   4 bench     VGG-16 images/s: Chainer's functions, smchainer's fused kernels, PyTorch eager
 #               with and without cuDNN; TF32 on at batch 128/256/512 (BENCH_BATCHES) with a
 #               profile, then fused vs PyTorch with TF32 off    -> bench-tf32.json, bench-fp32.json
+#   4b kernels  GPU time of every kernel and GEMM of a fused VGG-16 step at batch 256, layer
+#               by layer (CUDA events, no Python in the figure)            -> kernels.json
 #   5 train     smchainer-train on CIFAR-10 under a time cap, fused kernels unless their GPU
 #               tests failed (TRAIN_KERNELS overrides)         -> train.json
 #   summary.json, run.log                                              (7 files in $OUT)
@@ -23,7 +25,7 @@
 # BENCH_BATCHES (default "128 256 512"), MPI_BENCH=1 (adds stage mpi: benchmarks/mpi_scaling.py --device gpu, the
 # end-to-end epoch and NCCL vs no communicator on one rank, capped at MPI_SECONDS, default
 # 150, before train; writes mpi_scaling-*.json), PYTHON (default python3), SKIP (stage names to skip:
-# size install env tests bench train).
+# size install env tests bench kernels train).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -238,6 +240,8 @@ skipped tests || record tests gpu_tests
 skipped bench || record bench-tf32 bench 1 bench-tf32.json --profile --batch-sizes ${BENCH_BATCHES:-128 256 512}
 skipped bench || record bench-fp32 bench 0 bench-fp32.json --frameworks smchainer-fused torch \
   --batch-sizes 128 256
+skipped kernels || record kernels env CUPY_TF32=1 timeout -k 10 "${KERNEL_SECONDS:-60}" \
+  $PY benchmarks/device/kernels.py --batch-size 256 --out "$OUT/kernels.json"
 if [ "${MPI_BENCH:-0}" = 1 ]; then
   skipped mpi || record mpi timeout -k 10 "${MPI_SECONDS:-150}" $PY benchmarks/mpi_scaling.py \
     --device gpu --cifar10 .carry/cifar10 --output-dir "$OUT"

@@ -113,8 +113,16 @@ def summarize(out: Path, stages_file: Path) -> dict[str, Any]:
         "tests": read_junit(out / "pytest-gpu.xml"),
         "bench_tf32": bench_summary(read_json(out / "bench-tf32.json")),
         "bench_fp32": bench_summary(read_json(out / "bench-fp32.json")),
+        "kernels": kernels_summary(read_json(out / "kernels.json")),
         "train": train_summary(read_json(out / "train.json")),
     }
+
+
+def kernels_summary(record: Any) -> Any:
+    """GPU milliseconds of a fused step by kind of kernel, and in all."""
+    if not isinstance(record, dict) or "total_ms" not in record:
+        return record
+    return {k: record.get(k) for k in ("batch_size", "total_ms", "total_ms_by_kind")}
 
 
 def main(argv: list[str]) -> int:

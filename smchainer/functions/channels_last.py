@@ -15,10 +15,11 @@ contiguous ``(rows, channels)`` matrix:
     one im2col kernel writing the GEMM's operand in place, one cuBLAS GEMM
     (TF32 when ``CUPY_TF32=1``); backward is two GEMMs and one gather kernel.
 :func:`batch_norm_relu`
-    Batch normalisation and ReLU as one function: per-channel sums in one
-    pass (coalesced, double accumulation), one kernel for the statistics and
-    the running averages, one for the output; backward is one reduction and
-    one elementwise kernel.
+    Batch normalisation, ReLU and dropout as one function: per-channel sums
+    in one pass (coalesced, double accumulation), one kernel for the
+    statistics and the running averages, one for the output (dropout's mask
+    drawn in it from a counter-based generator, never stored); backward is
+    one reduction and one elementwise kernel.
 :func:`max_pool_2x2`
     2x2 max pooling, stride 2, with the window's argmax kept as one byte.
 
@@ -107,12 +108,14 @@ extern "C" __global__ void smchainer_col2im3x3(
 
 // Per-channel partial sums of a (rows, c) matrix, added into sums[0:c] and sums[c:2c].
 // mode 0 (forward statistics):  a = x,                       b = a * a
-// mode 1 (backward):            a = gy masked by y > 0 (relu), b = a * (x - mean) * inv_std
+// mode 1 (backward):            a = gy * gscale masked by y > 0 (relu; dropped values are 0
+//                               too, and gscale is dropout's 1 / (1 - ratio), else 1),
+//                               b = a * (x - mean) * inv_std
 // Block (32, 8): threadIdx.x walks channels (coalesced), threadIdx.y walks rows.
 extern "C" __global__ void smchainer_channel_sums(
         const float* __restrict__ x, const float* __restrict__ gy, const float* __restrict__ y,
         const float* __restrict__ mean, const float* __restrict__ inv_std,
-        long long rows, int c, int rows_per_block, int mode, int relu,
+        long long rows, int c, int rows_per_block, int mode, int relu, float gscale,
         double* __restrict__ sums) {
     const int ch = blockIdx.x * blockDim.x + threadIdx.x;
     const long long r0 = (long long)blockIdx.y * rows_per_block;
@@ -130,7 +133,7 @@ extern "C" __global__ void smchainer_channel_sums(
             const float mu = mean[ch], is = inv_std[ch];
             for (long long r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
                 const long long j = r * c + ch;
-                const float g = (relu && !(y[j] > 0.0f)) ? 0.0f : gy[j];
+                const float g = (relu && !(y[j] > 0.0f)) ? 0.0f : gy[j] * gscale;
                 sa += g;
                 sb += g * (x[j] - mu) * is;
             }
@@ -174,15 +177,29 @@ extern "C" __global__ void smchainer_bn_statistics(
     running_var[ch] = (float)(decay * running_var[ch] + (1.0 - decay) * adjust * var);
 }
 
-// y = x * scale[ch] + shift[ch], then max(y, 0) when relu.
+// Dropout's uniform draw for element i: splitmix64 of (seed, i), top 24 bits, in [0, 1).
+__device__ __forceinline__ float smchainer_uniform(unsigned long long seed, unsigned long long i) {
+    unsigned long long z = seed + (i + 1ULL) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z ^= z >> 31;
+    return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+
+// y = x * scale[ch] + shift[ch], then max(y, 0) when relu, then dropout when ratio > 0
+// (kept values scaled by keep_scale = 1 / (1 - ratio)).
 template <typename I>
 __device__ __forceinline__ void affine_relu(
         I total, const float* __restrict__ x, const float* __restrict__ scale,
-        const float* __restrict__ shift, float* __restrict__ y, int c, int relu) {
+        const float* __restrict__ shift, float* __restrict__ y, int c, int relu,
+        float ratio, float keep_scale, unsigned long long seed) {
     SMCHAINER_GRID_STRIDE(I, i, total) {
         const int ch = (int)(i % (I)c);
         float v = x[i] * scale[ch] + shift[ch];
         if (relu && v < 0.0f) v = 0.0f;
+        if (ratio > 0.0f) {
+            v = smchainer_uniform(seed, (unsigned long long)i) >= ratio ? v * keep_scale : 0.0f;
+        }
         y[i] = v;
     }
 }
@@ -190,21 +207,23 @@ __device__ __forceinline__ void affine_relu(
 extern "C" __global__ void smchainer_affine_relu(
         const float* __restrict__ x, const float* __restrict__ scale,
         const float* __restrict__ shift, float* __restrict__ y,
-        long long total, int c, int relu) {
-    SMCHAINER_DISPATCH(affine_relu, total, x, scale, shift, y, c, relu);
+        long long total, int c, int relu, float ratio, float keep_scale,
+        unsigned long long seed) {
+    SMCHAINER_DISPATCH(affine_relu, total, x, scale, shift, y, c, relu, ratio, keep_scale, seed);
 }
 
-// gx = gamma * inv_std * (g - xhat * mean(g * xhat) - mean(g)), g = gy masked by relu;
-// sums holds sum(g) and sum(g * xhat) per channel.
+// gx = gamma * inv_std * (g - xhat * mean(g * xhat) - mean(g)), g = gy * gscale masked by
+// relu (y > 0: also false where dropout dropped); sums holds sum(g) and sum(g * xhat).
 template <typename I>
 __device__ __forceinline__ void bn_relu_grad(
         I total, const float* __restrict__ x, const float* __restrict__ gy,
         const float* __restrict__ y, const float* __restrict__ mean,
         const float* __restrict__ inv_std, const float* __restrict__ gamma,
-        const double* __restrict__ sums, float* __restrict__ gx, int c, double m, int relu) {
+        const double* __restrict__ sums, float* __restrict__ gx, int c, double m, int relu,
+        float gscale) {
     SMCHAINER_GRID_STRIDE(I, i, total) {
         const int ch = (int)(i % (I)c);
-        const float g = (relu && !(y[i] > 0.0f)) ? 0.0f : gy[i];
+        const float g = (relu && !(y[i] > 0.0f)) ? 0.0f : gy[i] * gscale;
         const float is = inv_std[ch];
         const float xhat = (x[i] - mean[ch]) * is;
         const float gbeta = (float)(sums[ch] / m);
@@ -217,8 +236,9 @@ extern "C" __global__ void smchainer_bn_relu_grad(
         const float* __restrict__ x, const float* __restrict__ gy, const float* __restrict__ y,
         const float* __restrict__ mean, const float* __restrict__ inv_std,
         const float* __restrict__ gamma, const double* __restrict__ sums,
-        float* __restrict__ gx, long long total, int c, double m, int relu) {
-    SMCHAINER_DISPATCH(bn_relu_grad, total, x, gy, y, mean, inv_std, gamma, sums, gx, c, m, relu);
+        float* __restrict__ gx, long long total, int c, double m, int relu, float gscale) {
+    SMCHAINER_DISPATCH(bn_relu_grad, total, x, gy, y, mean, inv_std, gamma, sums, gx, c, m, relu,
+                       gscale);
 }
 
 // Fixed (inference) normalisation: scale = gamma / sqrt(var + eps), shift = beta - mean * scale.
@@ -452,20 +472,54 @@ def conv3x3(x, W) -> chainer.Variable:
 # --- batch normalisation + ReLU ---------------------------------------------------------
 
 
+def dropout_keep(seed: int, total: int, ratio: float) -> np.ndarray:
+    """The elements dropout keeps (bool, flat), as the GPU kernel draws them.
+
+    Element ``i`` is kept when the top 24 bits of splitmix64(``seed`` +
+    (i + 1) * golden gamma), as a float32 in [0, 1), are at least ``ratio``:
+    a counter-based draw, so the mask is a pure function of ``(seed, i)``,
+    needs no state or storage, and is the same on the CPU and the GPU.
+    """
+    z = np.uint64(seed) + (np.arange(total, dtype=np.uint64) + np.uint64(1)) * np.uint64(
+        0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    uniform = (z >> np.uint64(40)).astype(np.float32) * np.float32(1 / 16777216)
+    return uniform >= np.float32(ratio)
+
+
+def _dropout_scales(ratio: float) -> tuple[np.float32, np.float32]:
+    """Dropout's ratio and the scale of the kept values, as the kernels take them (float32)."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"dropout ratio must be in [0, 1), not {ratio}")
+    return np.float32(ratio), np.float32(1 / (1 - ratio)) if ratio else np.float32(1)
+
+
 class BatchNormReLU(function_node.FunctionNode):
-    """Training-mode batch normalisation over all axes but the last, then ReLU.
+    """Training-mode batch normalisation over all axes but the last, ReLU, dropout.
 
     Updates ``running_mean`` and ``running_var`` in place exactly as
     ``chainer.functions.batch_normalization`` does (the variance unbiased by
-    m / (m - 1)).
+    m / (m - 1)). With ``dropout`` > 0 (and ``relu``), each output is then
+    kept with probability ``1 - dropout`` and scaled by ``1 / (1 - dropout)``,
+    the mask drawn by :func:`dropout_keep` from a seed taken from NumPy's
+    global generator (so ``numpy.random.seed`` makes a run repeatable, as it
+    does Chainer's CPU dropout). The backward pass needs no mask: an output
+    is positive exactly where ReLU passed and dropout kept.
     """
 
-    def __init__(self, eps: float, running_mean, running_var, decay: float, relu: bool) -> None:
+    def __init__(self, eps: float, running_mean, running_var, decay: float, relu: bool,
+                 dropout: float = 0.0) -> None:
         self.eps = eps
         self.running_mean = running_mean
         self.running_var = running_var
         self.decay = decay
         self.relu = relu
+        if dropout and not relu:
+            raise ValueError("batch_norm_relu applies dropout only after the ReLU")
+        self.ratio, self.keep_scale = _dropout_scales(dropout)
+        self.seed = int(np.random.randint(0, 2**63 - 1, dtype=np.int64)) if dropout else 0
 
     def forward(self, inputs):
         x, gamma, beta = inputs
@@ -484,6 +538,9 @@ class BatchNormReLU(function_node.FunctionNode):
             y = x2 * scale.astype(x.dtype) + (beta - mean * scale).astype(x.dtype)
             if self.relu:
                 y = np.maximum(y, 0, out=y)
+            if self.ratio > 0:
+                keep = dropout_keep(self.seed, y.size, self.ratio).reshape(y.shape)
+                y = np.where(keep, y * self.keep_scale, np.float32(0)).astype(x.dtype)
             if self.running_mean is not None:
                 self.running_mean *= self.decay
                 self.running_mean += ((1 - self.decay) * mean).astype(self.running_mean.dtype)
@@ -497,7 +554,7 @@ class BatchNormReLU(function_node.FunctionNode):
         grid, block, rows_per_block = _reduce_grid(m, channels)
         _kernel("smchainer_channel_sums")(grid, block, (
             x2, x2, x2, gamma, gamma, _i64(m), _i32(channels), _i32(rows_per_block),
-            _i32(0), _i32(0), sums,
+            _i32(0), _i32(0), np.float32(1), sums,
         ))
         mean, inv_std, scale, shift = (xp.empty(channels, dtype=np.float32) for _ in range(4))
         running_mean, running_var = self.running_mean, self.running_var
@@ -512,6 +569,7 @@ class BatchNormReLU(function_node.FunctionNode):
         y = xp.empty_like(x2)
         _kernel("smchainer_affine_relu")(*_grid(y.size), (
             x2, scale, shift, y, _i64(y.size), _i32(channels), _i32(self.relu),
+            self.ratio, self.keep_scale, np.uint64(self.seed),
         ))
         self.mean, self.inv_std = mean, inv_std
         return y.reshape(x.shape),
@@ -529,7 +587,7 @@ class BatchNormReLU(function_node.FunctionNode):
         gy2 = xp.ascontiguousarray(gy).reshape(-1, channels)
         m = x2.shape[0]
         if _host(xp):
-            g = np.where(y2 > 0, gy2, 0).astype(x.dtype) if self.relu else gy2
+            g = np.where(y2 > 0, gy2 * self.keep_scale, 0).astype(x.dtype) if self.relu else gy2
             xhat = (x2 - self.mean) * self.inv_std
             gbeta = g.sum(axis=0, dtype=np.float64)
             ggamma = (g * xhat).sum(axis=0, dtype=np.float64)
@@ -542,12 +600,12 @@ class BatchNormReLU(function_node.FunctionNode):
             grid, block, rows_per_block = _reduce_grid(m, channels)
             _kernel("smchainer_channel_sums")(grid, block, (
                 x2, gy2, y2, self.mean, self.inv_std, _i64(m), _i32(channels),
-                _i32(rows_per_block), _i32(1), _i32(self.relu), sums,
+                _i32(rows_per_block), _i32(1), _i32(self.relu), self.keep_scale, sums,
             ))
             gx = xp.empty_like(x2)
             _kernel("smchainer_bn_relu_grad")(*_grid(gx.size), (
                 x2, gy2, y2, self.mean, self.inv_std, gamma, sums, gx, _i64(gx.size),
-                _i32(channels), _f64(m), _i32(self.relu),
+                _i32(channels), _f64(m), _i32(self.relu), self.keep_scale,
             ))
             as_float = sums.astype(np.float32)
             grads = gx, as_float[channels:], as_float[:channels]
@@ -585,6 +643,7 @@ class FixedBatchNormReLU(function_node.FunctionNode):
         y = xp.empty_like(x2)
         _kernel("smchainer_affine_relu")(*_grid(y.size), (
             x2, scale, shift, y, _i64(y.size), _i32(channels), _i32(self.relu),
+            np.float32(0), np.float32(1), np.uint64(0),
         ))
         self.retain_inputs((0, 3, 4))
         self.retain_outputs((0,))
@@ -616,18 +675,20 @@ class FixedBatchNormReLU(function_node.FunctionNode):
         )
 
 
-def batch_norm_relu(x, bn: chainer.links.BatchNormalization, relu: bool = True):
-    """``relu(bn(x))`` over the last axis of ``x``, as one fused function.
+def batch_norm_relu(x, bn: chainer.links.BatchNormalization, relu: bool = True,
+                    dropout: float = 0.0):
+    """``dropout(relu(bn(x)))`` over the last axis of ``x``, as one fused function.
 
     Uses the link's parameters and running statistics exactly as the link
     would: batch statistics (and running averages updated with its
     ``decay``) when ``chainer.config.train``, its running statistics
-    otherwise.
+    otherwise. ``dropout`` is the ratio of outputs dropped in training (see
+    :class:`BatchNormReLU`); evaluation drops nothing.
     """
     if bn.axis is not None and tuple(bn.axis) != tuple(range(x.ndim - 1)):
         raise ValueError("batch_norm_relu normalises over every axis but the last")
     if chainer.config.train:
-        node = BatchNormReLU(bn.eps, bn.avg_mean, bn.avg_var, bn.decay, relu)
+        node = BatchNormReLU(bn.eps, bn.avg_mean, bn.avg_var, bn.decay, relu, dropout)
         return node.apply((x, bn.gamma, bn.beta))[0]
     return FixedBatchNormReLU(bn.eps, relu).apply(
         (x, bn.gamma, bn.beta, bn.avg_mean, bn.avg_var)

@@ -145,16 +145,19 @@ class VGG(chainer.Chain):
         for stage, names in enumerate(self.stage_blocks):
             for position, name in enumerate(names):
                 block = getattr(self, name)
-                h = channels_last.batch_norm_relu(channels_last.conv3x3(h, block.conv.W), block.bn)
-                if position < len(names) - 1:
-                    h = self._dropout(h, 0.3 if stage == 0 else 0.4)
+                # dropout inside the fused function, between the convolutions of a stage
+                ratio = (0.3 if stage == 0 else 0.4) if position < len(names) - 1 else 0.0
+                h = channels_last.batch_norm_relu(
+                    channels_last.conv3x3(h, block.conv.W), block.bn,
+                    dropout=ratio * self.dropout_scale,
+                )
             h = channels_last.max_pool_2x2(h)
         if h.shape[1:3] != (1, 1):  # flatten in the NCHW order fc1's weights expect
             h = F.transpose(h, (0, 3, 1, 2))
         h = F.reshape(h, (h.shape[0], -1))
         h = self._dropout(h, 0.5)
-        h = channels_last.batch_norm_relu(self.fc1(h), self.bn_fc1)
-        h = self._dropout(h, 0.5)
+        h = channels_last.batch_norm_relu(self.fc1(h), self.bn_fc1,
+                                          dropout=0.5 * self.dropout_scale)
         return self.fc2(h)
 
     def _head(self, h):

@@ -159,3 +159,40 @@ def vgg_case(device, train=True, batch=8, depth=11, width=0.25, seed=0) -> dict:
             out[name] = {"y": host(y.array), "loss": float(loss.array), "grads": grads,
                          "stats": stats}
     return out
+
+
+def bn_dropout_case(device, shape=(8, 6, 5, 4), ratio=0.3, seed=0) -> dict:
+    """Fused batch norm + ReLU + dropout against Chainer's BN and ReLU times the same mask."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(shape) * 2).astype(np.float32)
+    gy = rng.standard_normal(shape).astype(np.float32)
+    channels = shape[1]
+    reference_bn = L.BatchNormalization(channels)
+    fused_bn = L.BatchNormalization(channels)
+    for bn in (reference_bn, fused_bn):
+        params = np.random.default_rng(seed + 100)
+        bn.gamma.array[...] = params.standard_normal(channels).astype(np.float32)
+        bn.beta.array[...] = params.standard_normal(channels).astype(np.float32)
+    fused_bn.to_device(device)
+    with chainer.using_config("train", True):
+        xf = chainer.Variable(device.send(nhwc(x)))
+        node = channels_last.BatchNormReLU(fused_bn.eps, fused_bn.avg_mean, fused_bn.avg_var,
+                                           fused_bn.decay, relu=True, dropout=ratio)
+        yf = node.apply((xf, fused_bn.gamma, fused_bn.beta))[0]
+        yf.grad = device.send(nhwc(gy))
+        yf.backward()
+
+        keep = channels_last.dropout_keep(node.seed, x.size, ratio)
+        keep = nchw(keep.reshape(shape[0], shape[2], shape[3], shape[1]))
+        mask = keep.astype(np.float32) * np.float32(1 / (1 - ratio))
+        xr = chainer.Variable(x)
+        yr = F.relu(reference_bn(xr)) * mask
+        yr.grad = gy
+        yr.backward()
+    return {
+        "reference": {"y": yr.array, "gx": xr.grad, "ggamma": reference_bn.gamma.grad,
+                      "gbeta": reference_bn.beta.grad},
+        "fused": {"y": nchw(host(yf.array)), "gx": nchw(host(xf.grad)),
+                  "ggamma": host(fused_bn.gamma.grad), "gbeta": host(fused_bn.beta.grad)},
+        "keep": keep,
+    }

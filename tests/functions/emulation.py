@@ -37,7 +37,7 @@ using std::sqrt;
 KERNEL = re.compile(r'extern "C" __global__ void (\w+)\((.*?)\)\s*\{', re.S)
 CTYPES = {
     "long long": ctypes.c_longlong, "int": ctypes.c_int, "double": ctypes.c_double,
-    "float": ctypes.c_float, "unsigned": ctypes.c_uint,
+    "float": ctypes.c_float, "unsigned": ctypes.c_uint, "unsigned long long": ctypes.c_ulonglong,
 }
 
 
@@ -116,7 +116,8 @@ def _argument(kernel: str, kind: str, value):
         if value.dtype != expected[base]:
             raise TypeError(f"{kernel}: a {kind} argument got a {value.dtype} array")
         return ctypes.c_void_p(value.ctypes.data)
-    expected = {"long long": np.int64, "int": np.int32, "double": np.float64}[kind]
+    expected = {"long long": np.int64, "int": np.int32, "double": np.float64,
+                "float": np.float32, "unsigned long long": np.uint64}[kind]
     if type(value) is not expected:  # CuPy needs the exact scalar type
         raise TypeError(f"{kernel}: a {kind} argument needs {expected.__name__}, not {type(value)}")
     return CTYPES[kind](value)

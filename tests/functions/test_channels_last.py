@@ -49,6 +49,44 @@ def test_batch_norm_statistics_hold_with_a_large_mean() -> None:
     assert_sides_equal(cases.bn_case(CPU, shape=(8, 4, 6, 6), shift=50.0), rtol=2e-3, atol=2e-4)
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_fused_dropout_equals_chainer_times_the_same_mask(ratio) -> None:
+    result = cases.bn_dropout_case(CPU, ratio=ratio)
+    assert_sides_equal(result)
+    kept = result["keep"].mean()
+    assert abs(kept - (1 - ratio)) < 0.1, kept  # 960 draws
+
+
+def test_fused_dropout_statistics_and_repeatability() -> None:
+    ratio = 0.4
+    keep = channels_last.dropout_keep(12345, 200_000, ratio)
+    assert abs(keep.mean() - (1 - ratio)) < 0.005
+    # neighbours are independent: P(both kept) = P(kept)^2
+    assert abs((keep[1:] & keep[:-1]).mean() - (1 - ratio) ** 2) < 0.005
+    assert np.array_equal(keep, channels_last.dropout_keep(12345, 200_000, ratio))
+    assert not np.array_equal(keep, channels_last.dropout_keep(12346, 200_000, ratio))
+    x = np.ones((4, 8, 8, 16), dtype=np.float32)
+    gamma, beta = np.ones(16, dtype=np.float32), np.ones(16, dtype=np.float32)
+
+    def draw(seed):
+        np.random.seed(seed)
+        node = channels_last.BatchNormReLU(2e-5, None, None, 0.9, relu=True, dropout=ratio)
+        return node.apply((x, gamma, beta))[0].array
+
+    assert np.array_equal(draw(1), draw(1)) and not np.array_equal(draw(1), draw(2))
+    y = draw(1)  # x is constant: BN gives beta = 1 everywhere, kept values 1 / (1 - ratio)
+    values = np.unique(y)
+    assert len(values) == 2 and values[0] == 0.0
+    assert values[1] == pytest.approx(1 / (1 - ratio), rel=1e-4)
+
+
+def test_dropout_needs_the_relu_and_a_ratio_below_one() -> None:
+    with pytest.raises(ValueError, match="only after the ReLU"):
+        channels_last.BatchNormReLU(2e-5, None, None, 0.9, relu=False, dropout=0.2)
+    with pytest.raises(ValueError, match=r"in \[0, 1\)"):
+        channels_last.BatchNormReLU(2e-5, None, None, 0.9, relu=True, dropout=1.0)
+
+
 @pytest.mark.parametrize("ties", [True, False])
 def test_max_pool_2x2_equals_chainer_including_ties(ties) -> None:
     assert_sides_equal(cases.pool_case(CPU, ties=ties))
@@ -154,3 +192,18 @@ def test_kernel_source_compiles_with_nvrtc() -> None:
     assert log is None, log
     for name in channels_last.KERNEL_NAMES:
         assert f"void {name}(" in channels_last.CUDA_SOURCE
+
+
+def test_fused_vgg_dropout_follows_numpys_seed() -> None:
+    np.random.seed(0)
+    model = VGG(width=0.125, depth=8)
+    model.fused = True
+    x = np.random.default_rng(1).random((4, 3, 32, 32), dtype=np.float32)
+    with chainer.using_config("train", True):
+        np.random.seed(3)
+        first = model(x).array
+        second = model(x).array
+        np.random.seed(3)
+        again = model(x).array
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, second)

@@ -51,6 +51,12 @@ def test_batch_norm_relu_kernels(emulated, shape, train, relu) -> None:
     )
 
 
+def test_fused_dropout_kernels_draw_the_cpu_mask(emulated) -> None:
+    result = cases.bn_dropout_case(CPU, ratio=0.4)
+    assert_sides_equal(result)  # the reference uses dropout_keep: the same draws, bit for bit
+    assert "smchainer_affine_relu" in emulated.launches
+
+
 def test_batch_norm_reduction_spans_many_blocks(emulated) -> None:
     # 70 channels (3 column blocks, the last partial) and 2 x 40 x 40 rows: several row blocks
     assert_sides_equal(cases.bn_case(CPU, shape=(2, 70, 40, 40)))
@@ -76,5 +82,6 @@ def test_the_emulator_catches_a_wrong_argument(emulated) -> None:
     with pytest.raises(TypeError, match="needs int64"):
         emulated("smchainer_affine_relu")((1,), (1,), (
             np.zeros(2, np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32),
-            np.zeros(2, np.float32), 2, np.int32(1), np.int32(0),
+            np.zeros(2, np.float32), 2, np.int32(1), np.int32(0), np.float32(0),
+            np.float32(1), np.uint64(0),
         ))

@@ -35,6 +35,12 @@ def test_batch_norm_relu(gpu_device, shape, train, relu) -> None:
                        rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_fused_dropout_draws_the_cpu_mask(gpu_device, ratio) -> None:
+    assert_sides_equal(cases.bn_dropout_case(gpu_device, shape=(64, 64, 16, 16), ratio=ratio),
+                       rtol=2e-4, atol=2e-5)
+
+
 def test_batch_norm_with_a_large_mean(gpu_device) -> None:
     assert_sides_equal(cases.bn_case(gpu_device, shape=(32, 16, 8, 8), shift=50.0),
                        rtol=2e-3, atol=2e-4)
