@@ -129,9 +129,9 @@ class VGG(chainer.Chain):
 
     def forward(self, x):
         """Logits (N x n_classes) of float32 images N x 3 x 32 x 32 in [0, 1]."""
-        h = self.normalize(x)
         if self.fused:
-            return self._forward_channels_last(h)
+            return self._forward_channels_last(x)
+        h = self.normalize(x)
         for stage, names in enumerate(self.stage_blocks):
             for position, name in enumerate(names):
                 h = getattr(self, name)(h)
@@ -140,8 +140,15 @@ class VGG(chainer.Chain):
             h = F.max_pooling_2d(h, ksize=2, stride=2)
         return self._head(h)
 
-    def _forward_channels_last(self, h):
-        h = F.transpose(h, (0, 2, 3, 1))
+    def _forward_channels_last(self, x):
+        if isinstance(x, chainer.Variable) and x.requires_grad:
+            h = F.transpose(self.normalize(x), (0, 2, 3, 1))
+        else:  # a constant input: normalise it with plain array operations, off the graph
+            array = x.array if isinstance(x, chainer.Variable) else x
+            xp = chainer.backend.get_array_module(array)
+            mean = xp.asarray(self.mean, dtype=array.dtype).reshape(1, -1, 1, 1)
+            scale = (1 / xp.asarray(self.std, dtype=array.dtype)).reshape(1, -1, 1, 1)
+            h = ((array - mean) * scale).transpose(0, 2, 3, 1)
         for stage, names in enumerate(self.stage_blocks):
             for position, name in enumerate(names):
                 block = getattr(self, name)

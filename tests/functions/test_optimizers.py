@@ -36,6 +36,9 @@ def test_equals_chainer_momentum_sgd_with_the_weight_decay_hook() -> None:
     got = train(ours, fused)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert fused._flat is not None  # the one-pass update ran
+    flat = fused._flat["param"]
+    assert all(np.shares_memory(p.array, flat) for p in ours.params())
     np.random.seed(0)
     start = {name: p.array for name, p in VGG(width=0.125, depth=8).namedparams()}
     assert all(not np.array_equal(got[name], start[name]) for name in start)  # it trained
@@ -61,3 +64,85 @@ def test_hyperparameters_can_change_between_updates() -> None:
 def test_negative_weight_decay_is_refused() -> None:
     with pytest.raises(ValueError, match="weight_decay"):
         optimizers.MomentumSGD(weight_decay=-1)
+
+
+def batches(count: int) -> list:
+    rng = np.random.default_rng(0)
+    return [(rng.random((4, 3, 32, 32), dtype=np.float32),
+             rng.integers(0, 10, 4).astype(np.int32)) for _ in range(count)]
+
+
+def run_steps(model, optimizer, data, first_step=0):
+    for step, (x, t) in enumerate(data, first_step):
+        np.random.seed(step)  # the same dropout masks on both sides
+        loss = F.softmax_cross_entropy(model(x), t)
+        model.cleargrads()
+        loss.backward()
+        optimizer.update()
+    return {name: p.array.copy() for name, p in model.namedparams()}
+
+
+def test_a_hook_takes_the_per_parameter_path_with_the_same_result() -> None:
+    np.random.seed(0)
+    reference_model = VGG(width=0.125, depth=8)
+    ours = reference_model.copy(mode="copy")
+    reference = chainer.optimizers.MomentumSGD(lr=0.05, momentum=0.9)
+    reference.setup(reference_model)
+    reference.add_hook(chainer.optimizer_hooks.GradientHardClipping(-1e-3, 1e-3))
+    fused = optimizers.MomentumSGD(lr=0.05, momentum=0.9)
+    fused.setup(ours)
+    fused.add_hook(chainer.optimizer_hooks.GradientHardClipping(-1e-3, 1e-3))
+    data = batches(3)
+    want, got = run_steps(reference_model, reference, data), run_steps(ours, fused, data)
+    assert fused._flat is None  # the hook must see every parameter: no flat pass
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_parameter_without_a_gradient_is_left_as_chainer_leaves_it() -> None:
+    def build():
+        link = chainer.Link()
+        with link.init_scope():
+            link.used = chainer.Parameter(np.array([1.0, 2.0], dtype=np.float32))
+            link.unused = chainer.Parameter(np.array([3.0], dtype=np.float32))
+        return link
+
+    reference_link, our_link = build(), build()
+    reference = chainer.optimizers.MomentumSGD(lr=0.1)
+    reference.setup(reference_link)
+    reference.add_hook(chainer.optimizer_hooks.WeightDecay(0.5))
+    fused = optimizers.MomentumSGD(lr=0.1, weight_decay=0.5)
+    fused.setup(our_link)
+    for link, opt in ((reference_link, reference), (our_link, fused)):
+        for _ in range(2):
+            link.cleargrads()
+            link.used.grad = np.array([1.0, -1.0], dtype=np.float32)
+            opt.update()
+    assert fused._flat is None
+    for name in ("used", "unused"):  # Chainer decays even the parameter with no gradient
+        np.testing.assert_array_equal(getattr(our_link, name).array,
+                                      getattr(reference_link, name).array, err_msg=name)
+
+
+def test_resuming_from_a_snapshot_equals_an_uninterrupted_run(tmp_path) -> None:
+    def fresh():
+        np.random.seed(0)
+        model = VGG(width=0.125, depth=8)
+        opt = optimizers.MomentumSGD(lr=0.05, momentum=0.9, weight_decay=5e-4)
+        opt.setup(model)
+        return model, opt
+
+    data = batches(4)
+    want = run_steps(*fresh(), data)
+    model, opt = fresh()
+    run_steps(model, opt, data[:2])
+    chainer.serializers.save_npz(str(tmp_path / "model.npz"), model)
+    chainer.serializers.save_npz(str(tmp_path / "opt.npz"), opt)
+    model, opt = fresh()
+    chainer.serializers.load_npz(str(tmp_path / "model.npz"), model)
+    chainer.serializers.load_npz(str(tmp_path / "opt.npz"), opt)
+    assert opt.t == 2
+    got = run_steps(model, opt, data[2:], first_step=2)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert opt._flat is not None

@@ -113,6 +113,7 @@ def test_momentum_sgd_with_decay_equals_chainer_on_the_gpu(gpu_device) -> None:
             model.cleargrads()
             loss.backward()
             optimizer.update()
+    assert our_sgd._flat is not None  # the one-kernel update ran on the GPU
     want = {name: cases.host(p.array) for name, p in reference.namedparams()}
     for name, param in ours.namedparams():
         np.testing.assert_allclose(cases.host(param.array), want[name], rtol=1e-5, atol=1e-6,
