@@ -33,17 +33,22 @@ def test_chainer_and_torch_on_cpu(tmp_path):
     proc, record = run_benchmark(tmp_path, "--profile", "--profile-steps", "1")
     assert proc.returncode == 0, proc.stderr
     frameworks = {f["framework"]: f for f in record["frameworks"]}
-    assert set(frameworks) == {"chainer", "torch"}
-    # the same network on both sides
-    assert frameworks["chainer"]["meta"]["parameters"] == frameworks["torch"]["meta"]["parameters"]
+    assert set(frameworks) == {"chainer", "smchainer-fused", "torch"}
+    # the same network on every side
+    parameters = {f["meta"]["parameters"] for f in frameworks.values()}
+    assert len(parameters) == 1
     for framework in frameworks.values():
         assert [r["batch_size"] for r in framework["results"]] == [4, 8]
         for result in framework["results"]:
             assert result["images_per_s"] > 0 and 0 < result["last_loss"] < 10
     assert set(record["ratio_images_per_s"]["chainer/torch"]) == {"4", "8"}
+    assert set(record["ratio_images_per_s"]["smchainer-fused/torch"]) == {"4", "8"}
     profile = frameworks["chainer"]["profile"]
     assert set(profile["phase_ms_per_step"]) == {"forward", "backward", "update"}
     assert "forward Convolution2DFunction" in profile["function_ms_per_step"]
+    fused = frameworks["smchainer-fused"]["profile"]["function_ms_per_step"]
+    assert {"forward Conv3x3", "backward BatchNormReLU", "forward MaxPool2x2"} <= set(fused)
+    assert not any("Convolution2DFunction" in name for name in fused)
     assert record["tf32"] is False and record["device"] == "cpu"
 
 
