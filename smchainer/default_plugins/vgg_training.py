@@ -64,8 +64,9 @@ HYPERPARAMETERS: dict[str, tuple[type, Any, str]] = {
     "depth": (int, 16, "VGG depth: 8, 11, 13, 16 or 19"),
     "augment": (bool, True, "random 4-pixel-padded crops and horizontal flips"),
     "kernels": (str, "auto", "auto | chainer | fused: fused runs the network channels-last "
-                "through smchainer's fused kernels (CUDA on a GPU, NumPy on the CPU); chainer "
-                "through Chainer's own functions; auto: fused"),
+                "through smchainer's fused kernels (CUDA on a GPU, NumPy on the CPU) and, on a "
+                "GPU, gathers each batch there; chainer runs Chainer's own functions; auto: "
+                "fused on the CPU, chainer on a GPU (see FUSED_BY_DEFAULT_ON_GPU)"),
     "dropout": (float, 1.0, "multiplier of the network's dropout rates (0: no dropout; < 2, "
                 "as the largest rate is 0.5)"),
     "label-smoothing": (float, 0.0, "cross entropy against targets smoothed by this much "
@@ -276,16 +277,25 @@ class SmoothedCrossEntropy:
         return f"SmoothedCrossEntropy(eps={self.eps})"
 
 
-def resolve_kernels(choice: str, on_gpu: bool) -> str:
-    """``fused`` or ``chainer``: what the ``kernels`` hyperparameter means.
+#: Whether ``kernels=auto`` picks the fused CUDA kernels on a GPU. Their logic is
+#: tested on the CPU (the same CUDA source compiled as C++ and run through the same
+#: launches, ``tests/functions``) and NVRTC compiles them, but until ``tests/gpu``
+#: has passed on a GPU with them, ``auto`` keeps GPUs on the path that has:
+#: Chainer's functions and the batch gathered on the host. ``kernels=fused`` opts in.
+FUSED_BY_DEFAULT_ON_GPU = False
 
-    ``auto`` is ``fused`` on either device: CUDA kernels on a GPU, and on the
-    CPU their NumPy implementation, which is also faster than Chainer's own
-    functions there (about 1.5x for VGG-16 at batch 64 on this project's
-    2-core build machine; ``benchmarks/train_throughput.py``).
+
+def resolve_kernels(choice: str, on_gpu: bool) -> str:
+    """``fused`` or ``chainer``: what the ``kernels`` hyperparameter means here.
+
+    ``auto`` is ``fused`` on the CPU, where the NumPy implementation is also
+    faster than Chainer's own functions (about 1.5x for VGG-16 at batch 64 on
+    this project's 2-core build machine; ``benchmarks/train_throughput.py``),
+    and on a GPU as :data:`FUSED_BY_DEFAULT_ON_GPU` says.
     """
-    del on_gpu  # both devices have both implementations
-    return "fused" if choice == "auto" else choice
+    if choice != "auto":
+        return choice
+    return "fused" if not on_gpu or FUSED_BY_DEFAULT_ON_GPU else "chainer"
 
 
 # --- learning-rate schedules ---------------------------------------------------------
@@ -473,6 +483,8 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     updater = AugmentingUpdater(
         train_iter, optimizer, device=device, seed=hp["seed"], rank=env.rank,
         augment=hp["augment"], images=train_images, labels=train_labels,
+        # the crop kernel goes with the fused kernels on a GPU (the CPU has no kernel)
+        gather_on_device=kernels == "fused" or not on_gpu,
     )
     if hp["iterations"]:
         stop = (hp["iterations"], "iteration")
@@ -570,6 +582,10 @@ class AugmentingUpdater(updaters.StandardUpdater):
     crops from its own generator, in :func:`augment`'s order, so a run resumed
     from a snapshot repeats the uninterrupted run exactly on the CPU, with the
     same results as the former per-batch NumPy pipeline.
+
+    With ``gather_on_device=False`` the arrays stay on the host instead: the
+    same :func:`crop_flip` runs there with NumPy and the float32 batch is
+    sent (the path for a GPU without the fused kernels).
     """
 
     #: Zero padding of the random crops.
@@ -577,7 +593,7 @@ class AugmentingUpdater(updaters.StandardUpdater):
 
     def __init__(
         self, iterator, optimizer, device, seed: int, rank: int, augment: bool,
-        images: np.ndarray, labels: np.ndarray,
+        images: np.ndarray, labels: np.ndarray, gather_on_device: bool = True,
     ):
         super().__init__(iterator, optimizer, device=device)
         if len(images) != len(labels):
@@ -586,8 +602,10 @@ class AugmentingUpdater(updaters.StandardUpdater):
         self.rank = rank
         self.augment = augment
         self.target_device = device
-        self.images = device.send(np.ascontiguousarray(images, dtype=np.uint8))
-        self.labels = device.send(np.ascontiguousarray(labels, dtype=np.int32))
+        self.gather_on_device = gather_on_device
+        holder = device if gather_on_device else chainer.get_device("@numpy")
+        self.images = holder.send(np.ascontiguousarray(images, dtype=np.uint8))
+        self.labels = holder.send(np.ascontiguousarray(labels, dtype=np.int32))
 
     def update_core(self) -> None:
         iterator = self._iterators["main"]
@@ -602,9 +620,12 @@ class AugmentingUpdater(updaters.StandardUpdater):
             flip = np.zeros(len(rows), dtype=bool)
         # One host-to-device copy per update: rows, top, left and flip as one int64 array.
         steps = np.stack([rows, top, left, flip]).astype(np.int64, copy=False)
-        steps = self.target_device.send(steps)
+        if self.gather_on_device:
+            steps = self.target_device.send(steps)
         x = crop_flip(self.images, steps[0], steps[1], steps[2], steps[3], self.pad)
         t = self.labels[steps[0]]
+        if not self.gather_on_device:
+            x, t = self.target_device.send(x), self.target_device.send(t)
         optimizer.update(optimizer.target, x, t)
         if self.auto_new_epoch and iterator.is_new_epoch:
             optimizer.new_epoch(auto=True)

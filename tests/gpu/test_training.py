@@ -61,3 +61,30 @@ def test_short_training_loss_falls_on_cpu():
 def test_short_training_loss_falls_on_gpu(gpu_device):
     # VGG-11 at half width: on the CPU its loss falls from 2.7 to 0.5 in these 100 steps
     assert_loss_falls(train_losses(gpu_device, width=0.5, depth=11, steps=100, batch_size=64))
+
+
+@pytest.fixture(scope="module")
+def decode_cache(tmp_path_factory):
+    """One decoded-image cache for the trainer runs below (decoding 60,000 JPEGs once)."""
+    return tmp_path_factory.mktemp("decoded")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["fused", "chainer"])
+def test_the_built_in_trainer_learns_cifar10_on_the_gpu(gpu_device, tmp_path, cifar10,
+                                                       decode_cache, kernels):
+    """The built-in VGG trainer on real CIFAR-10 images with each kernel set."""
+    from smchainer.default_plugins import vgg_training as vt
+    from smchainer.training.env import TrainingEnv
+
+    del gpu_device  # the job's device is gpu:0
+    env = TrainingEnv(job_dir=tmp_path / "job", device="gpu:0", num_gpus=1,
+                      channels={"train": cifar10 / "train.zip", "test": cifar10 / "test.zip"})
+    hp = vt.parse_hyperparameters({
+        "epochs": 3, "batch-size": 128, "learning-rate": 0.1, "lr-schedule": "onecycle",
+        "width": 0.5, "depth": 11, "train-samples": 10000, "test-samples": 2000,
+        "kernels": kernels, "progress-bar": False, "cache-dir": str(decode_cache),
+    })
+    metrics = vt.run_training(env, hp)
+    assert metrics["kernels"] == kernels
+    assert metrics["test_accuracy"] > 0.35, metrics  # chance: 0.1

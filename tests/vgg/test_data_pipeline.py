@@ -223,8 +223,9 @@ class Recorder(chainer.Link):
         return F.sum(self.w)
 
 
+@pytest.mark.parametrize("gather_on_device", [True, False])
 @pytest.mark.parametrize("augment", [True, False])
-def test_the_updater_feeds_what_the_per_batch_pipeline_fed(augment) -> None:
+def test_the_updater_feeds_what_the_per_batch_pipeline_fed(augment, gather_on_device) -> None:
     images = random_images(7, shape=(50, 3, 32, 32))
     labels = np.random.default_rng(7).integers(0, 10, size=50).astype(np.int32)
     recorder = Recorder()
@@ -234,7 +235,7 @@ def test_the_updater_feeds_what_the_per_batch_pipeline_fed(augment) -> None:
         np.arange(50), 16, order_sampler=vt.DerivedOrderSampler(3, 1))
     updater = vt.AugmentingUpdater(
         iterator, optimizer, device=chainer.get_device("@numpy"), seed=3, rank=1,
-        augment=augment, images=images, labels=labels)
+        augment=augment, images=images, labels=labels, gather_on_device=gather_on_device)
     # The former pipeline: (image, label) tuples, stacked, augmented, scaled.
     examples = chainer.iterators.SerialIterator(
         chainer.datasets.TupleDataset(images, labels), 16,
@@ -290,8 +291,14 @@ def test_bad_new_hyperparameters_are_named(raw, message) -> None:
         vt.parse_hyperparameters(raw)
 
 
-def test_kernels_resolve_by_device() -> None:
+def test_kernels_resolve_by_device(monkeypatch) -> None:
+    assert vt.resolve_kernels("auto", on_gpu=True) == (
+        "fused" if vt.FUSED_BY_DEFAULT_ON_GPU else "chainer")
+    monkeypatch.setattr(vt, "FUSED_BY_DEFAULT_ON_GPU", True)
     assert vt.resolve_kernels("auto", on_gpu=True) == "fused"
+    monkeypatch.setattr(vt, "FUSED_BY_DEFAULT_ON_GPU", False)
+    assert vt.resolve_kernels("auto", on_gpu=True) == "chainer"
+    assert vt.resolve_kernels("fused", on_gpu=True) == "fused"
     assert vt.resolve_kernels("auto", on_gpu=False) == "fused"
     assert vt.resolve_kernels("chainer", on_gpu=True) == "chainer"
     assert vt.resolve_kernels("chainer", on_gpu=False) == "chainer"
