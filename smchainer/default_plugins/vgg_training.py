@@ -428,16 +428,12 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
         assert train is not None and test is not None
         train_arrays = (train.images, train.labels)
         test_set = chainer.datasets.TupleDataset(test.images, test.labels)
-    if comm is not None:
-        import chainermn
+    if comm is not None:  # each rank receives its rows only (ChainerMN's shares)
+        from smchainer.training.mpi import scatter_arrays
 
-        train_arrays = _materialize(chainermn.scatter_dataset(
-            None if train_arrays is None else chainer.datasets.TupleDataset(*train_arrays),
-            comm, shuffle=True, seed=hp["seed"],
-        ))
-        test_set = chainer.datasets.TupleDataset(
-            *_materialize(chainermn.scatter_dataset(test_set, comm))
-        )
+        train_arrays = scatter_arrays(train_arrays, comm, shuffle=True, seed=hp["seed"])
+        test_arrays = None if test is None else (test.images, test.labels)
+        test_set = chainer.datasets.TupleDataset(*scatter_arrays(test_arrays, comm))
 
     assert train_arrays is not None and test_set is not None  # every rank holds its share now
     train_images, train_labels = train_arrays
@@ -559,11 +555,6 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
             metrics["test_accuracy"], metrics["test_loss"], env.model_dir,
         )
     return metrics
-
-
-def _materialize(subset) -> tuple[np.ndarray, np.ndarray]:
-    """A scattered shard as compact uint8 images and int32 labels (no reference to the whole)."""
-    return stack_batch([subset[i] for i in range(len(subset))])
 
 
 class AugmentingUpdater(updaters.StandardUpdater):

@@ -107,3 +107,64 @@ def detect_world() -> World:
     logger.debug("rank %d of %d, local rank %d of %d on %s", rank, size, local_rank,
                  local_size, world.current_host)
     return world
+
+
+#: MPI tag of :func:`scatter_arrays`' messages.
+_SCATTER_TAG = 7301
+
+
+def scatter_arrays(arrays: tuple[Any, ...] | None, comm: Any, *, shuffle: bool = False,
+                   seed: int | None = None, root: int = 0,
+                   max_message_bytes: int = 256 * 2**20) -> tuple[Any, ...]:
+    """Each rank's share of the rows of ``arrays`` (NumPy, same length), sent to it alone.
+
+    The shares are ``chainermn.scatter_dataset``'s with ``force_equal_length``
+    (the same permutation for a given ``seed``, the same rows per rank), but
+    ChainerMN broadcasts the whole pickled dataset to every rank and lets
+    each keep a view of its part; here rank ``root`` sends each rank only its
+    rows, as raw buffers (no pickling), in messages of at most
+    ``max_message_bytes``. Only ``root``'s ``arrays`` are read; the other
+    ranks may pass None.
+
+    :param comm: a ChainerMN communicator (its ``mpi_comm`` carries the data).
+    :returns: this rank's rows of every array, contiguous.
+    """
+    import numpy as np
+
+    mpi = comm.mpi_comm
+    if comm.rank != root:
+        header = mpi.recv(source=root, tag=_SCATTER_TAG)
+        received = []
+        for dtype, shape in header:
+            part = np.empty(shape, dtype=np.dtype(dtype))
+            for chunk in _row_chunks(part, max_message_bytes):
+                mpi.Recv(chunk, source=root, tag=_SCATTER_TAG)
+            received.append(part)
+        return tuple(received)
+    if arrays is None or not arrays:
+        raise ValueError("the root rank of scatter_arrays needs the arrays")
+    total = len(arrays[0])
+    if any(len(array) != total for array in arrays):
+        raise ValueError("scatter_arrays needs arrays of the same length")
+    order = np.random.RandomState(seed).permutation(total) if shuffle else np.arange(total)
+    share = -(-total // comm.size)
+    mine: tuple[Any, ...] = ()
+    for rank in range(comm.size):
+        begin = total * rank // comm.size
+        rows = order[begin:begin + share]
+        parts = tuple(np.ascontiguousarray(array[rows]) for array in arrays)
+        if rank == root:
+            mine = parts
+            continue
+        mpi.send([(part.dtype.str, part.shape) for part in parts], dest=rank, tag=_SCATTER_TAG)
+        for part in parts:
+            for chunk in _row_chunks(part, max_message_bytes):
+                mpi.Send(chunk, dest=rank, tag=_SCATTER_TAG)
+    return mine
+
+
+def _row_chunks(array: Any, max_bytes: int) -> list[Any]:
+    """Contiguous row blocks of a C-contiguous array, each at most ``max_bytes`` (>= 1 row)."""
+    row_bytes = max(1, array.nbytes // max(1, len(array)))
+    rows = max(1, max_bytes // row_bytes)
+    return [array[start:start + rows] for start in range(0, len(array), rows)]

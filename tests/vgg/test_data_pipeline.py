@@ -375,14 +375,3 @@ def test_the_trainer_sets_the_model_switches(tmp_path, cifar_npz_channels, monke
            "cache-dir": str(tmp_path / "cache")})
     (model,) = built
     assert model.fused is False and model.dropout_scale == 0.5
-
-
-def test_materialize_gives_compact_arrays() -> None:
-    images = random_images(9, shape=(6, 3, 32, 32))
-    labels = np.arange(6, dtype=np.int32)
-    subset = chainer.datasets.SubDataset(
-        chainer.datasets.TupleDataset(images, labels), 1, 4, order=np.array([5, 3, 1, 0, 2, 4]))
-    got_images, got_labels = vt._materialize(subset)
-    np.testing.assert_array_equal(got_images, images[[3, 1, 0]])
-    np.testing.assert_array_equal(got_labels, [3, 1, 0])
-    assert got_images.dtype == np.uint8 and got_labels.dtype == np.int32
