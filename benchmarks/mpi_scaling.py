@@ -116,7 +116,8 @@ def train_run(ranks: int, threads: int, args: argparse.Namespace, work: Path) ->
                "--channel", f"test={args.cifar10 / 'test.zip'}"]
     hp = {"epochs": args.epochs, "batch-size": args.batch_size, "depth": args.depth,
           "width": args.width, "train-samples": args.train_samples,
-          "test-samples": args.test_samples, "progress-bar": "false"}
+          "test-samples": args.test_samples, "progress-bar": "false",
+          "kernels": trainer_kernels(args.device)}
     if ranks > 1:
         command += ["--num-processes", str(ranks)]
         hp["communicator"] = args.communicator
@@ -173,11 +174,19 @@ def scaling(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 # --- the bare step: train_throughput.py ------------------------------------------------------
 
+def trainer_kernels(device: str) -> str:
+    """What the trainer's ``kernels=auto`` runs on ``device`` (the bare step runs the same)."""
+    from smchainer.default_plugins.vgg_training import resolve_kernels
+
+    return resolve_kernels("auto", on_gpu=device == "gpu")
+
+
 def bare_step(args: argparse.Namespace, threads: int, work: Path) -> dict[str, Any]:
-    """Chainer images/s of forward+backward+update alone, same network, batch and threads."""
+    """images/s of forward+backward+update alone: same network, kernels, batch and threads."""
     out = work / "bare.json"
+    framework = "smchainer-fused" if trainer_kernels(args.device) == "fused" else "chainer"
     command = [sys.executable, str(HERE / "train_throughput.py"), "--device", args.device,
-               "--frameworks", "chainer", "--depth", str(args.depth), "--width",
+               "--frameworks", framework, "--depth", str(args.depth), "--width",
                str(args.width), "--batch-sizes", str(args.batch_size), "--warmup", "2",
                "--iters", str(args.iters), "--out", str(out)]
     print("  bare training step ...", file=sys.stderr, flush=True)
@@ -186,7 +195,7 @@ def bare_step(args: argparse.Namespace, threads: int, work: Path) -> dict[str, A
     if done.returncode != 0 or not out.exists():
         return {"error": done.stderr.strip()[-2000:]}
     [result] = json.loads(out.read_text())["frameworks"][0]["results"]
-    return {"threads": threads, "batch_size": args.batch_size, **result}
+    return {"threads": threads, "batch_size": args.batch_size, "framework": framework, **result}
 
 
 # --- the communicator's cost on one rank -----------------------------------------------------
