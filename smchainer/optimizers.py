@@ -30,8 +30,7 @@ class MomentumSGDRule(optimizer.UpdateRule):
     """The update of one parameter (state ``v``, as Chainer's rule names it)."""
 
     def __init__(self, parent_hyperparam=None, lr=None, momentum=None, weight_decay=None):
-        hyperparam = optimizer.Hyperparameter(parent_hyperparam)
-        super().__init__(hyperparam)
+        super().__init__(parent_hyperparam)
         for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
             if value is not None:
                 setattr(self.hyperparam, name, value)
@@ -107,7 +106,7 @@ class MomentumSGD(optimizer.GradientMethod):
         flat = self._flat_buffers(params)
         xp = backend.get_array_module(flat["param"])
         grad = xp.concatenate([param.grad.reshape(-1) for param in params])
-        hp = params[0].update_rule.hyperparam
+        hp = self.hyperparam
         self.t += 1
         for param in params:
             param.update_rule.t += 1
@@ -130,19 +129,20 @@ class MomentumSGD(optimizer.GradientMethod):
                 or hookable._post_update_hooks):
             return None
         params = list(target.params())
-        if not params or params[0].update_rule is None:
+        if not params:
             return None
         first = params[0]
-        reference = first.update_rule.hyperparam
+        shared = self.hyperparam
         for param in params:
             rule = param.update_rule
+            # A rule whose hyperparameter object holds nothing of its own (only its parent,
+            # this optimizer's) uses the optimizer's lr, momentum and weight decay.
             if (rule is None or not rule.enabled or param.grad is None or param.array is None
                     or rule._hookable._pre_update_hooks or rule._hookable._post_update_hooks
                     or rule._use_fp32_update or param.dtype != first.dtype
                     or param.device != first.device
-                    or (rule.hyperparam.lr, rule.hyperparam.momentum,
-                        rule.hyperparam.weight_decay)
-                    != (reference.lr, reference.momentum, reference.weight_decay)):
+                    or vars(rule.hyperparam).keys() != {"_parent"}
+                    or rule.hyperparam._parent is not shared):
                 return None
         return params
 

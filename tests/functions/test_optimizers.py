@@ -146,3 +146,30 @@ def test_resuming_from_a_snapshot_equals_an_uninterrupted_run(tmp_path) -> None:
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert opt._flat is not None
+
+
+def test_a_parameter_with_its_own_learning_rate_takes_the_per_parameter_path() -> None:
+    def build():
+        link = chainer.Link()
+        with link.init_scope():
+            link.a = chainer.Parameter(np.array([1.0, 2.0], dtype=np.float32))
+            link.b = chainer.Parameter(np.array([3.0], dtype=np.float32))
+        return link
+
+    reference_link, our_link = build(), build()
+    reference = chainer.optimizers.MomentumSGD(lr=0.1)
+    reference.setup(reference_link)
+    reference_link.b.update_rule.hyperparam.lr = 0.5
+    fused = optimizers.MomentumSGD(lr=0.1)
+    fused.setup(our_link)
+    our_link.b.update_rule.hyperparam.lr = 0.5
+    for link, opt in ((reference_link, reference), (our_link, fused)):
+        for _ in range(2):
+            link.cleargrads()
+            link.a.grad = np.array([1.0, -1.0], dtype=np.float32)
+            link.b.grad = np.array([2.0], dtype=np.float32)
+            opt.update()
+    assert fused._flat is None
+    for name in ("a", "b"):
+        np.testing.assert_array_equal(getattr(our_link, name).array,
+                                      getattr(reference_link, name).array, err_msg=name)
