@@ -10,11 +10,14 @@ from smchainer import optimizers
 from smchainer.models.vgg import VGG
 
 
-def train(model, optimizer, steps=4):
+def batches(count: int) -> list:
     rng = np.random.default_rng(0)
-    for step in range(steps):
-        x = rng.random((4, 3, 32, 32), dtype=np.float32)
-        t = rng.integers(0, 10, 4).astype(np.int32)
+    return [(rng.random((4, 3, 32, 32), dtype=np.float32),
+             rng.integers(0, 10, 4).astype(np.int32)) for _ in range(count)]
+
+
+def run_steps(model, optimizer, data, first_step=0):
+    for step, (x, t) in enumerate(data, first_step):
         np.random.seed(step)  # the same dropout masks on both sides
         loss = F.softmax_cross_entropy(model(x), t)
         model.cleargrads()
@@ -30,10 +33,11 @@ def test_equals_chainer_momentum_sgd_with_the_weight_decay_hook() -> None:
     reference = chainer.optimizers.MomentumSGD(lr=0.05, momentum=0.9)
     reference.setup(chainer_model)
     reference.add_hook(chainer.optimizer_hooks.WeightDecay(5e-4))
-    want = train(chainer_model, reference)
+    data = batches(4)
+    want = run_steps(chainer_model, reference, data)
     fused = optimizers.MomentumSGD(lr=0.05, momentum=0.9, weight_decay=5e-4)
     fused.setup(ours)
-    got = train(ours, fused)
+    got = run_steps(ours, fused, data)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert fused._flat is not None  # the one-pass update ran
@@ -64,22 +68,6 @@ def test_hyperparameters_can_change_between_updates() -> None:
 def test_negative_weight_decay_is_refused() -> None:
     with pytest.raises(ValueError, match="weight_decay"):
         optimizers.MomentumSGD(weight_decay=-1)
-
-
-def batches(count: int) -> list:
-    rng = np.random.default_rng(0)
-    return [(rng.random((4, 3, 32, 32), dtype=np.float32),
-             rng.integers(0, 10, 4).astype(np.int32)) for _ in range(count)]
-
-
-def run_steps(model, optimizer, data, first_step=0):
-    for step, (x, t) in enumerate(data, first_step):
-        np.random.seed(step)  # the same dropout masks on both sides
-        loss = F.softmax_cross_entropy(model(x), t)
-        model.cleargrads()
-        loss.backward()
-        optimizer.update()
-    return {name: p.array.copy() for name, p in model.namedparams()}
 
 
 def test_a_hook_takes_the_per_parameter_path_with_the_same_result() -> None:
