@@ -47,7 +47,8 @@ REDUCE_Y = 8
 
 CUDA_SOURCE = r"""
 // Every array is contiguous float32. Elementwise kernels take a 64-bit element count and
-// use 32-bit index arithmetic when it fits (integer division is what they spend most on).
+// use 32-bit index arithmetic when it fits (64-bit integer division is a long instruction
+// sequence on GPUs, and each element divides its index several times).
 
 #define SMCHAINER_GRID_STRIDE(I, i, total) \
     for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < total; i += (I)gridDim.x * blockDim.x)
