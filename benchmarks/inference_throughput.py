@@ -1,6 +1,9 @@
-"""VGG inference on the CPU: plain Chainer vs the ONNX Runtime plugin vs PyTorch eager.
+"""VGG inference on the CPU: Chainer, smchainer's fused path, ONNX Runtime, PyTorch eager.
 
-One run measures all three on the same network with the same weights:
+``chainer`` runs the network through Chainer's own functions; ``smchainer-fused``
+through :mod:`smchainer.functions.channels_last` (``VGG.fused``, what a served
+VGG runs on the CPU without the ONNX plugin). One run measures all of them on
+the same network with the same weights:
 batch-1 latency (median milliseconds per call) and batch-64 throughput
 (images per second, from the median call). Warm-up calls are not timed;
 the frameworks take turns within each repeat, so background load on a shared
@@ -131,13 +134,20 @@ def build_torch_vgg(model: Any) -> Any:
 def runners(model: VGG, threads: int) -> dict[str, Callable[[np.ndarray], np.ndarray] | None]:
     """One ``batch -> logits`` function per framework (None: not installed)."""
 
-    def chainer_numpy(batch: np.ndarray) -> np.ndarray:
-        with chainer.using_config("train", False), chainer.no_backprop_mode():
-            return model(batch).array
+    def evaluate(fused: bool) -> Callable[[np.ndarray], np.ndarray]:
+        network = model.copy(mode="share")  # the same parameters, its own switch
+        network.fused = fused
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            with chainer.using_config("train", False), chainer.no_backprop_mode():
+                return network(batch).array
+
+        return run
 
     onnx_model = convert(model, INPUT_SHAPE, threads=threads)
     found: dict[str, Callable[[np.ndarray], np.ndarray] | None] = {
-        "chainer": chainer_numpy,
+        "chainer": evaluate(fused=False),
+        "smchainer-fused": evaluate(fused=True),
         "onnxruntime": onnx_model.predict,
         "torch": None,
     }

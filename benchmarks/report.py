@@ -307,7 +307,9 @@ def inference_rows(records: list[Record]) -> list[list[Any]]:
         results = r.data.get("results", {})
 
         def get(name: str, key: str, results: dict = results) -> Any:
-            figures = results.get(name)
+            if name not in results:  # a record from before this framework was measured
+                return "-"
+            figures = results[name]
             return "not installed" if figures is None else figures.get(key)
 
         chainer64 = get("chainer", "batch64_images_per_s")
@@ -318,8 +320,11 @@ def inference_rows(records: list[Record]) -> list[list[Any]]:
         model = r.data.get("model", {})
         rows.append([r.date, r.machine, r.data.get("settings", {}).get("threads"),
                      f"VGG-{model.get('depth')} x{model.get('width')}",
-                     get("chainer", "batch1_latency_ms"), get("onnxruntime", "batch1_latency_ms"),
+                     get("chainer", "batch1_latency_ms"),
+                     get("smchainer-fused", "batch1_latency_ms"),
+                     get("onnxruntime", "batch1_latency_ms"),
                      get("torch", "batch1_latency_ms"), chainer64,
+                     get("smchainer-fused", "batch64_images_per_s"),
                      get("onnxruntime", "batch64_images_per_s"), torch64, chainer_ratio,
                      fmt(ratio, 3) if ratio is not None else "-", load_text(r), commit_text(r),
                      r.source])
@@ -395,8 +400,9 @@ def render(records: list[Record], skipped: dict, plots: list[str], plot_prefix: 
                      "speedup vs 1 rank", "efficiency", "communicator overhead (1 rank)",
                      "load", "commit", "record"], mpi_rows(records))]
     parts += ["### Inference (VGG, CPU)", "",
-              table(["date", "machine", "threads", "model", "Chainer b1 ms", "ONNX RT b1 ms",
-                     "PyTorch b1 ms", "Chainer b64 img/s", "ONNX RT b64 img/s",
+              table(["date", "machine", "threads", "model", "Chainer b1 ms", "fused b1 ms",
+                     "ONNX RT b1 ms", "PyTorch b1 ms", "Chainer b64 img/s", "fused b64 img/s",
+                     "ONNX RT b64 img/s",
                      "PyTorch b64 img/s", "Chainer / PyTorch", "ONNX RT / PyTorch", "load",
                      "commit", "record"], inference_rows(records))]
     parts += ["### Serving under load (`smchainer-serve`, loopback)", "",

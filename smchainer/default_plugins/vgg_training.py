@@ -31,6 +31,7 @@ from smchainer import datasets, optimizers
 from smchainer.default_plugins.vgg import ARCHITECTURE, METADATA_FILE, MODEL_FILE
 from smchainer.device import get_device
 from smchainer.errors import SmchainerError
+from smchainer.functions import channels_last
 from smchainer.functions.augment import crop_flip
 from smchainer.models.vgg import INPUT_SHAPE, VGG
 
@@ -66,7 +67,8 @@ HYPERPARAMETERS: dict[str, tuple[type, Any, str]] = {
     "kernels": (str, "auto", "auto | chainer | fused: fused runs the network channels-last "
                 "through smchainer's fused kernels (CUDA on a GPU, NumPy on the CPU) and, on a "
                 "GPU, gathers each batch there; chainer runs Chainer's own functions; auto: "
-                "fused on the CPU, chainer on a GPU (see FUSED_BY_DEFAULT_ON_GPU)"),
+                "fused on the CPU, chainer on a GPU (see "
+                "smchainer.functions.channels_last.FUSED_BY_DEFAULT_ON_GPU)"),
     "dropout": (float, 1.0, "multiplier of the network's dropout rates (0: no dropout; < 2, "
                 "as the largest rate is 0.5)"),
     "label-smoothing": (float, 0.0, "cross entropy against targets smoothed by this much "
@@ -277,25 +279,19 @@ class SmoothedCrossEntropy:
         return f"SmoothedCrossEntropy(eps={self.eps})"
 
 
-#: Whether ``kernels=auto`` picks the fused CUDA kernels on a GPU. Their logic is
-#: tested on the CPU (the same CUDA source compiled as C++ and run through the same
-#: launches, ``tests/functions``) and NVRTC compiles them, but until ``tests/gpu``
-#: has passed on a GPU with them, ``auto`` keeps GPUs on the path that has:
-#: Chainer's functions and the batch gathered on the host. ``kernels=fused`` opts in.
-FUSED_BY_DEFAULT_ON_GPU = False
-
-
 def resolve_kernels(choice: str, on_gpu: bool) -> str:
     """``fused`` or ``chainer``: what the ``kernels`` hyperparameter means here.
 
-    ``auto`` is ``fused`` on the CPU, where the NumPy implementation is also
-    faster than Chainer's own functions (about 1.5x for VGG-16 at batch 64 on
-    this project's 2-core build machine; ``benchmarks/train_throughput.py``),
-    and on a GPU as :data:`FUSED_BY_DEFAULT_ON_GPU` says.
+    ``auto`` follows :func:`smchainer.functions.channels_last.fused_by_default`:
+    fused on the CPU, where the NumPy implementation is also faster than
+    Chainer's own functions (about 1.8x for VGG-16 training at batch 64 on this
+    project's 2-core build machine; ``benchmarks/train_throughput.py``), and on
+    a GPU once the CUDA kernels have been verified there. On a GPU without
+    them, each batch is also gathered on the host.
     """
     if choice != "auto":
         return choice
-    return "fused" if not on_gpu or FUSED_BY_DEFAULT_ON_GPU else "chainer"
+    return "fused" if channels_last.fused_by_default(on_gpu) else "chainer"
 
 
 # --- learning-rate schedules ---------------------------------------------------------

@@ -38,6 +38,13 @@ import chainer
 import numpy as np
 from chainer import backend, function_node
 
+#: Whether the fused path is the default on a GPU (``VGG.fused = None``, the trainer's
+#: ``kernels=auto``). The CUDA kernels' logic is tested on the CPU (the same source
+#: compiled as C++ and run through the same launches, ``tests/functions``) and NVRTC
+#: compiles them, but until ``tests/gpu`` has passed on a GPU with them, GPUs default
+#: to the path that has: Chainer's own functions. ``VGG.fused = True`` opts in.
+FUSED_BY_DEFAULT_ON_GPU = False
+
 #: Threads per block of the elementwise kernels.
 THREADS = 256
 #: Column block of the per-channel reductions (one warp across channels).
@@ -365,6 +372,13 @@ def _reduce_grid(rows: int, channels: int) -> tuple[tuple[int, int], tuple[int, 
     rows_per_block = max(REDUCE_Y * 4, -(-rows // row_blocks_wanted))
     row_blocks = max(1, -(-rows // rows_per_block))
     return (column_blocks, row_blocks), (REDUCE_X, REDUCE_Y), rows_per_block
+
+
+def fused_by_default(on_gpu: bool) -> bool:
+    """Whether a model that has not chosen runs these functions: always on the CPU
+    (where the NumPy path is also 1.5-2x faster than Chainer's functions), on a GPU
+    as :data:`FUSED_BY_DEFAULT_ON_GPU` says."""
+    return not on_gpu or FUSED_BY_DEFAULT_ON_GPU
 
 
 def _host(xp: Any) -> bool:

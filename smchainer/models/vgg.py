@@ -15,10 +15,12 @@ images in [0, 1].
 
 Two switches change how the same network runs, not what it is (neither is
 saved): ``fused`` runs it channels-last through
-:mod:`smchainer.functions.channels_last` (fused GPU kernels for convolution,
-batch normalisation + ReLU and pooling; same parameters, same results within
-float32 rounding), and ``dropout_scale`` multiplies every dropout rate
-(0 turns dropout off).
+:mod:`smchainer.functions.channels_last` (fused kernels for convolution,
+batch normalisation + ReLU + dropout and pooling; same parameters, same
+results within float32 rounding): True, False, or None (the default) for
+:func:`~smchainer.functions.channels_last.fused_by_default` on the device of
+each input; and ``dropout_scale`` multiplies every dropout rate (0 turns
+dropout off).
 """
 from __future__ import annotations
 
@@ -95,8 +97,9 @@ class VGG(chainer.Chain):
         self.add_persistent("std", _channel_vector(CIFAR10_STD if std is None else std, "std"))
         if np.any(self.std <= 0):
             raise ValueError("VGG std must be positive in every channel")
-        #: Run channels-last with smchainer's fused kernels (see the module docstring).
-        self.fused = False
+        #: Run channels-last with smchainer's fused kernels: True, False, or None for the
+        #: default of the input's device (see the module docstring).
+        self.fused: bool | None = None
         #: Multiplier of every dropout rate (0: no dropout).
         self.dropout_scale = 1.0
         hidden = max(1, round(HIDDEN_UNITS * width))
@@ -129,7 +132,12 @@ class VGG(chainer.Chain):
 
     def forward(self, x):
         """Logits (N x n_classes) of float32 images N x 3 x 32 x 32 in [0, 1]."""
-        if self.fused:
+        fused = self.fused
+        if fused is None:
+            array = x.array if isinstance(x, chainer.Variable) else x
+            on_gpu = chainer.backend.get_array_module(array) is not np
+            fused = channels_last.fused_by_default(on_gpu)
+        if fused:
             return self._forward_channels_last(x)
         h = self.normalize(x)
         for stage, names in enumerate(self.stage_blocks):

@@ -84,7 +84,7 @@ def test_quick_suite_writes_every_record_and_the_report(tmp_path, cifar10):
 
     inference = only_record(tmp_path, "inference_throughput")
     assert_context(inference)
-    for name in ("chainer", "onnxruntime"):
+    for name in ("chainer", "smchainer-fused", "onnxruntime"):
         figures = inference["results"][name]
         assert figures["batch1_latency_ms"] > 0 and figures["batch64_images_per_s"] > 0
     assert (inference["results"]["torch"] is not None) == with_torch

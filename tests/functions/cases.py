@@ -142,6 +142,7 @@ def vgg_case(device, train=True, batch=8, depth=11, width=0.25, seed=0) -> dict:
     fused = reference.copy(mode="copy")
     for model in (reference, fused):
         model.dropout_scale = 0.0
+    reference.fused = False
     fused.fused = True
     fused.to_device(device)
 

@@ -123,14 +123,17 @@ def test_fused_vgg_keeps_the_parameters_and_saves_like_any_other(tmp_path) -> No
     chainer.serializers.save_npz(str(path), model)
     plain = VGG(width=0.125, depth=8)
     chainer.serializers.load_npz(str(path), plain)
-    assert plain.fused is False
+    assert plain.fused is None  # not saved: the loaded model chooses by device again
+    plain.fused = False  # Chainer's own functions, from the same file
     with chainer.using_config("train", False):
         np.testing.assert_allclose(plain(x).array, fused_y, rtol=1e-4, atol=1e-5)
 
 
-def test_dropout_scale_zero_turns_dropout_off() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_dropout_scale_zero_turns_dropout_off(fused) -> None:
     np.random.seed(0)
     model = VGG(width=0.125, depth=8)
+    model.fused = fused
     model.dropout_scale = 0.0
     x = np.random.default_rng(1).random((4, 3, 32, 32), dtype=np.float32)
     with chainer.using_config("train", True):
@@ -207,3 +210,23 @@ def test_fused_vgg_dropout_follows_numpys_seed() -> None:
         again = model(x).array
     np.testing.assert_array_equal(first, again)
     assert not np.array_equal(first, second)
+
+
+def test_an_unset_fused_follows_the_device_policy(monkeypatch) -> None:
+    np.random.seed(0)
+    model = VGG(width=0.125, depth=8)
+    assert model.fused is None
+    calls = []
+    original = channels_last.conv3x3
+    monkeypatch.setattr(channels_last, "conv3x3", lambda *a: calls.append(1) or original(*a))
+    x = np.random.default_rng(1).random((2, 3, 32, 32), dtype=np.float32)
+    with chainer.using_config("train", False):
+        model(x)
+    assert calls  # on the CPU an unset model runs the fused functions
+    assert channels_last.fused_by_default(on_gpu=False)
+    assert channels_last.fused_by_default(on_gpu=True) is channels_last.FUSED_BY_DEFAULT_ON_GPU
+    model.fused = False
+    calls.clear()
+    with chainer.using_config("train", False):
+        model(x)
+    assert not calls

@@ -22,6 +22,7 @@ import pytest
 from smchainer.default_plugins import vgg_training as vt
 from smchainer.errors import SmchainerError
 from smchainer.functions import augment as aug
+from smchainer.functions import channels_last
 from smchainer.functions.augment import crop_flip
 
 
@@ -293,10 +294,10 @@ def test_bad_new_hyperparameters_are_named(raw, message) -> None:
 
 def test_kernels_resolve_by_device(monkeypatch) -> None:
     assert vt.resolve_kernels("auto", on_gpu=True) == (
-        "fused" if vt.FUSED_BY_DEFAULT_ON_GPU else "chainer")
-    monkeypatch.setattr(vt, "FUSED_BY_DEFAULT_ON_GPU", True)
+        "fused" if channels_last.FUSED_BY_DEFAULT_ON_GPU else "chainer")
+    monkeypatch.setattr(channels_last, "FUSED_BY_DEFAULT_ON_GPU", True)
     assert vt.resolve_kernels("auto", on_gpu=True) == "fused"
-    monkeypatch.setattr(vt, "FUSED_BY_DEFAULT_ON_GPU", False)
+    monkeypatch.setattr(channels_last, "FUSED_BY_DEFAULT_ON_GPU", False)
     assert vt.resolve_kernels("auto", on_gpu=True) == "chainer"
     assert vt.resolve_kernels("fused", on_gpu=True) == "fused"
     assert vt.resolve_kernels("auto", on_gpu=False) == "fused"

@@ -114,8 +114,17 @@ def trace(model: chainer.Link, sample: np.ndarray) -> Trace:
     """
     recorder = _InputRecorder()
     x = chainer.Variable(sample)
-    with chainer.using_config("train", False), chainer.force_backprop_mode(), recorder:
-        output = model(x)
+    # A model with smchainer's channels-last path (VGG.fused) is traced through Chainer's
+    # own functions, the ones this exporter translates; the same network either way.
+    fused = getattr(model, "fused", False)
+    if fused is not False:
+        model.fused = False
+    try:
+        with chainer.using_config("train", False), chainer.force_backprop_mode(), recorder:
+            output = model(x)
+    finally:
+        if fused is not False:
+            model.fused = fused
     if not isinstance(output, chainer.Variable):
         raise UnsupportedLayer(
             f"the model returns {type(output).__name__}, not one chainer.Variable"

@@ -125,3 +125,19 @@ def test_a_model_that_returns_several_outputs_is_refused() -> None:
 
     with pytest.raises(UnsupportedLayer, match="tuple"):
         export_onnx(Two(), sample((3,)))
+
+
+@pytest.mark.parametrize("fused", [True, None])
+def test_a_vgg_on_the_fused_path_exports_through_chainers_functions(fused) -> None:
+    from smchainer.models.vgg import VGG
+
+    np.random.seed(0)
+    model = randomize_batch_norm(VGG(width=0.125, depth=8))
+    model.fused = fused
+    exported = export_onnx(model, sample((3, 32, 32)))
+    assert model.fused is fused  # put back as it was
+    assert "Conv" in op_types(exported)
+    batch = sample((3, 32, 32), 3, seed=4)
+    # the model answers through its fused path; the exported graph agrees with it
+    np.testing.assert_allclose(run_onnx(exported, batch), chainer_logits(model, batch),
+                               rtol=1e-4, atol=1e-4)
