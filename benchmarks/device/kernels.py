@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out")
     args = parser.parse_args(argv)
 
+    import chainer
     import cupy
     from cupyx.profiler import benchmark
 
@@ -84,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
         times["bn_relu_forward"] = gpu_ms(bn_forward)
         node = cl.BatchNormReLU(bn["eps"], bn["mean"], bn["var"], 0.9, True)
-        import chainer
-
         yv = node.apply((chainer.Variable(y4), bn["gamma_v"], bn["beta_v"]))[0]
         g = chainer.Variable(gy.reshape(n, h, w, o))
 

@@ -123,12 +123,17 @@ class VGG(chainer.Chain):
 
     def normalize(self, x):
         """``(x - mean) / std`` per channel, as Chainer functions (traceable for export)."""
+        mean, scale = self._mean_and_scale(x)
+        shape = x.shape
+        return (x - F.broadcast_to(mean, shape)) * F.broadcast_to(scale, shape)
+
+    def _mean_and_scale(self, x):
+        """The mean and ``1 / std`` as 1 x C x 1 x 1 arrays of ``x``'s kind and dtype."""
         xp = chainer.backend.get_array_module(x)
         dtype = getattr(x, "dtype", np.float32)
         mean = xp.asarray(self.mean, dtype=dtype).reshape(1, -1, 1, 1)
         scale = (1 / xp.asarray(self.std, dtype=dtype)).reshape(1, -1, 1, 1)
-        shape = x.shape
-        return (x - F.broadcast_to(mean, shape)) * F.broadcast_to(scale, shape)
+        return mean, scale
 
     def forward(self, x):
         """Logits (N x n_classes) of float32 images N x 3 x 32 x 32 in [0, 1]."""
@@ -153,9 +158,7 @@ class VGG(chainer.Chain):
             h = F.transpose(self.normalize(x), (0, 2, 3, 1))
         else:  # a constant input: normalise it with plain array operations, off the graph
             array = x.array if isinstance(x, chainer.Variable) else x
-            xp = chainer.backend.get_array_module(array)
-            mean = xp.asarray(self.mean, dtype=array.dtype).reshape(1, -1, 1, 1)
-            scale = (1 / xp.asarray(self.std, dtype=array.dtype)).reshape(1, -1, 1, 1)
+            mean, scale = self._mean_and_scale(array)
             h = ((array - mean) * scale).transpose(0, 2, 3, 1)
         for stage, names in enumerate(self.stage_blocks):
             for position, name in enumerate(names):

@@ -22,6 +22,7 @@ import numpy as np
 
 SHIM = r"""
 #include <cmath>
+#include <cstring>
 struct smchainer_dim3 { unsigned x, y, z; };
 static smchainer_dim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __global__
@@ -32,6 +33,7 @@ static smchainer_dim3 blockIdx, threadIdx, blockDim, gridDim;
 static inline double atomicAdd(double* p, double v) { double o = *p; *p += v; return o; }
 static inline float atomicAdd(float* p, float v) { float o = *p; *p += v; return o; }
 using std::sqrt;
+static inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
 """
 
 KERNEL = re.compile(r'extern "C" __global__ void (\w+)\((.*?)\)\s*\{', re.S)
@@ -42,6 +44,7 @@ CTYPES = {
 
 
 def _launcher(name: str, params: str) -> tuple[str, list[str]]:
+    params = re.sub(r"//[^\n]*", "", params)  # comments between the parameters
     declarations = [" ".join(p.split()) for p in params.split(",")]
     names = [re.split(r"[\s*]+", d)[-1] for d in declarations]
     types = [d[: d.rindex(n)].replace("__restrict__", "").strip()
@@ -111,11 +114,13 @@ def _argument(kernel: str, kind: str, value):
             raise TypeError(f"{kernel}: a {kind} argument needs an array, not {type(value)}")
         if not value.flags.c_contiguous:
             raise ValueError(f"{kernel}: arrays passed to kernels must be C-contiguous")
-        expected = {"float": np.float32, "double": np.float64, "signed char": np.int8}
+        expected = {"float": np.float32, "double": np.float64, "signed char": np.int8,
+                    "unsigned char": np.uint8, "long long": np.int64}
         base = kind.replace("const", "").replace("*", "").strip()
         if value.dtype != expected[base]:
             raise TypeError(f"{kernel}: a {kind} argument got a {value.dtype} array")
         return ctypes.c_void_p(value.ctypes.data)
+    kind = kind.removeprefix("const ").strip()
     expected = {"long long": np.int64, "int": np.int32, "double": np.float64,
                 "float": np.float32, "unsigned long long": np.uint64}[kind]
     if type(value) is not expected:  # CuPy needs the exact scalar type

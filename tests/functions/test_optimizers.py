@@ -87,15 +87,17 @@ def test_a_hook_takes_the_per_parameter_path_with_the_same_result() -> None:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
-def test_a_parameter_without_a_gradient_is_left_as_chainer_leaves_it() -> None:
-    def build():
-        link = chainer.Link()
-        with link.init_scope():
-            link.used = chainer.Parameter(np.array([1.0, 2.0], dtype=np.float32))
-            link.unused = chainer.Parameter(np.array([3.0], dtype=np.float32))
-        return link
+def two_parameters() -> chainer.Link:
+    """A link with parameters ``a`` (2 values) and ``b`` (1 value)."""
+    link = chainer.Link()
+    with link.init_scope():
+        link.a = chainer.Parameter(np.array([1.0, 2.0], dtype=np.float32))
+        link.b = chainer.Parameter(np.array([3.0], dtype=np.float32))
+    return link
 
-    reference_link, our_link = build(), build()
+
+def test_a_parameter_without_a_gradient_is_left_as_chainer_leaves_it() -> None:
+    reference_link, our_link = two_parameters(), two_parameters()
     reference = chainer.optimizers.MomentumSGD(lr=0.1)
     reference.setup(reference_link)
     reference.add_hook(chainer.optimizer_hooks.WeightDecay(0.5))
@@ -104,10 +106,10 @@ def test_a_parameter_without_a_gradient_is_left_as_chainer_leaves_it() -> None:
     for link, opt in ((reference_link, reference), (our_link, fused)):
         for _ in range(2):
             link.cleargrads()
-            link.used.grad = np.array([1.0, -1.0], dtype=np.float32)
+            link.a.grad = np.array([1.0, -1.0], dtype=np.float32)  # b gets no gradient
             opt.update()
     assert fused._flat is None
-    for name in ("used", "unused"):  # Chainer decays even the parameter with no gradient
+    for name in ("a", "b"):  # Chainer decays even the parameter with no gradient
         np.testing.assert_array_equal(getattr(our_link, name).array,
                                       getattr(reference_link, name).array, err_msg=name)
 
@@ -137,14 +139,7 @@ def test_resuming_from_a_snapshot_equals_an_uninterrupted_run(tmp_path) -> None:
 
 
 def test_a_parameter_with_its_own_learning_rate_takes_the_per_parameter_path() -> None:
-    def build():
-        link = chainer.Link()
-        with link.init_scope():
-            link.a = chainer.Parameter(np.array([1.0, 2.0], dtype=np.float32))
-            link.b = chainer.Parameter(np.array([3.0], dtype=np.float32))
-        return link
-
-    reference_link, our_link = build(), build()
+    reference_link, our_link = two_parameters(), two_parameters()
     reference = chainer.optimizers.MomentumSGD(lr=0.1)
     reference.setup(reference_link)
     reference_link.b.update_rule.hyperparam.lr = 0.5

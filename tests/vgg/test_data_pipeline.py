@@ -9,8 +9,6 @@ compiler and run on the CPU against the NumPy path.
 """
 from __future__ import annotations
 
-import ctypes
-import shutil
 import subprocess
 import sys
 
@@ -128,55 +126,16 @@ def test_the_kernel_compiles_with_nvrtc() -> None:
     assert f".entry {aug.KERNEL_NAME}(" in ptx
 
 
-#: CUDA's built-ins as plain C++, so the kernel source can be run on the host.
-HOST_PRELUDE = r"""
-#include <cstring>
-struct Dim { unsigned int x; };
-static Dim blockIdx, blockDim, gridDim, threadIdx;
-#define __global__
-static inline float __int_as_float(int bits) { float f; std::memcpy(&f, &bits, 4); return f; }
-"""
-HOST_LAUNCHER = r"""
-extern "C" void launch(
-    const unsigned char* images, const long long* index, const long long* top,
-    const long long* left, const long long* flip, float* out, long long n, long long batch,
-    long long channels, long long height, long long width, long long pad, float scale,
-    unsigned int grid, unsigned int block)
-{
-    gridDim.x = grid;
-    blockDim.x = block;
-    for (unsigned int b = 0; b < grid; ++b) {
-        for (unsigned int t = 0; t < block; ++t) {
-            blockIdx.x = b;
-            threadIdx.x = t;
-            smchainer_crop_flip(images, index, top, left, flip, out, n, batch, channels,
-                                height, width, pad, scale);
-        }
-    }
-}
-"""
-
-
 @pytest.fixture(scope="module")
 def host_kernel(tmp_path_factory):
-    """The kernel source compiled for the host, as a ctypes function launching a 'grid'."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        pytest.skip("no C++ compiler to build the kernel for the host")
-    folder = tmp_path_factory.mktemp("host-kernel")
-    source = folder / "crop_flip.cpp"
-    source.write_text(HOST_PRELUDE + aug.CROP_FLIP_SOURCE + HOST_LAUNCHER)
-    library = folder / "crop_flip.so"
-    subprocess.run(
-        [compiler, "-O2", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(library),
-         str(source)],
-        check=True, capture_output=True, text=True, timeout=300,
-    )
-    launch = ctypes.CDLL(str(library)).launch
-    pointer, i64 = ctypes.c_void_p, ctypes.c_longlong
-    launch.argtypes = [pointer] * 6 + [i64] * 6 + [ctypes.c_float, ctypes.c_uint, ctypes.c_uint]
-    launch.restype = None
-    return launch
+    """The kernel source compiled for the host, launched block by block, thread by thread."""
+    from tests.functions.emulation import EmulatedKernels
+
+    try:
+        kernels = EmulatedKernels(aug.CROP_FLIP_SOURCE, tmp_path_factory.mktemp("host-kernel"))
+    except RuntimeError as exc:
+        pytest.skip(str(exc))
+    return kernels(aug.KERNEL_NAME)
 
 
 def run_host_kernel(launch, images, index, top, left, flip, pad=4, grid=3, block=32):
@@ -185,9 +144,9 @@ def run_host_kernel(launch, images, index, top, left, flip, pad=4, grid=3, block
                               for v in (index, top, left, flip))
     n, channels, height, width = images.shape
     out = np.full((len(index), channels, height, width), -1.0, dtype=np.float32)
-    arrays = (images, index, top, left, flip, out)
-    launch(*(a.ctypes.data for a in arrays), n, len(index), channels, height, width, pad,
-           aug.SCALE, grid, block)
+    sizes = (n, len(index), channels, height, width, pad)
+    launch((grid,), (block,), (images, index, top, left, flip, out,
+                               *(np.int64(v) for v in sizes), aug.SCALE))
     return out
 
 
