@@ -7,8 +7,7 @@ scaling in one pass. With the training set resident on the GPU, an update
 then moves only ``4 x batch`` int64 numbers to the device instead of the
 uint8 images.
 
-On the CPU it is a NumPy fancy-indexing gather (the same one as
-``vgg_training.augment``); on the GPU it is one raw CUDA kernel,
+On the CPU it is a NumPy fancy-indexing gather; on the GPU it is one raw CUDA kernel,
 :data:`CROP_FLIP_SOURCE`. The scale is ``np.float32(1 / 255)`` on both, applied
 as one float32 multiply, so the two agree bit for bit.
 
@@ -23,9 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from smchainer.functions import cuda_source
+
 logger = logging.getLogger(__name__)
 
-#: The multiplier from uint8 to [0, 1]: exactly ``vgg_training.to_float``'s.
+#: The multiplier from uint8 to [0, 1], the one scale of every uint8 image smchainer reads.
 SCALE = np.float32(1 / 255)
 #: Zero padding on each side of the usual CIFAR recipe.
 PAD = 4
@@ -43,47 +44,7 @@ KERNEL_NAME = "smchainer_crop_flip"
 #: as 0. A row index outside ``[0, n)`` cannot be reported without a host
 #: synchronisation, so that image comes out as NaN, which the loss shows,
 #: instead of reading out of bounds.
-CROP_FLIP_SOURCE = r"""
-extern "C" __global__ void smchainer_crop_flip(
-    const unsigned char* __restrict__ images,  // n x channels x height x width
-    const long long* __restrict__ index,       // batch: rows of images
-    const long long* __restrict__ top,         // batch: crop row in padded coordinates
-    const long long* __restrict__ left,        // batch: crop column in padded coordinates
-    const long long* __restrict__ flip,        // batch: nonzero mirrors the crop
-    float* __restrict__ out,                   // batch x channels x height x width
-    const long long n,
-    const long long batch,
-    const long long channels,
-    const long long height,
-    const long long width,
-    const long long pad,
-    const float scale)
-{
-    const long long total = batch * channels * height * width;
-    const long long stride = (long long)blockDim.x * gridDim.x;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += stride) {
-        const long long x = i % width;
-        long long rest = i / width;
-        const long long y = rest % height;
-        rest /= height;
-        const long long c = rest % channels;
-        const long long b = rest / channels;
-        const long long row = index[b];
-        const long long sy = top[b] + y - pad;
-        const long long sx = left[b] + (flip[b] ? width - 1 - x : x) - pad;
-        float value;
-        if (row < 0 || row >= n) {
-            value = __int_as_float(0x7fc00000);  // quiet NaN: a bad row index
-        } else if (sy < 0 || sy >= height || sx < 0 || sx >= width) {
-            value = 0.0f;  // the zero padding
-        } else {
-            value = (float)images[((row * channels + c) * height + sy) * width + sx] * scale;
-        }
-        out[i] = value;
-    }
-}
-"""
+CROP_FLIP_SOURCE = cuda_source("crop_flip.cu")
 
 
 def crop_flip(images: Any, index: Any, top: Any, left: Any, flip: Any, pad: int = PAD) -> Any:
