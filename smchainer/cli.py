@@ -42,6 +42,24 @@ def setup_logging(level: int | str = logging.INFO) -> None:
     logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
 
 
+def setup_package_logging(level: int) -> None:
+    """Show progress from the ``smchainer`` loggers only, at ``level``, on stderr.
+
+    For commands that run user code in their own process (a training
+    script): the root logger is the script's, so it is left alone, and the
+    ``smchainer`` loggers do not propagate to it (no line twice). Calling it
+    again replaces the handler rather than adding a second one.
+    """
+    package = logging.getLogger("smchainer")
+    for handler in list(package.handlers):
+        package.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    package.addHandler(handler)
+    package.setLevel(level)
+    package.propagate = False
+
+
 def parse_log_level(value: str | int) -> int:
     """``"info"``, ``"DEBUG"`` or ``"20"`` as a :mod:`logging` level."""
     text = str(value).strip()

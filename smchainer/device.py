@@ -16,6 +16,9 @@ from smchainer.errors import SmchainerError
 
 logger = logging.getLogger(__name__)
 
+#: ``cpu`` here keeps training ranks and serving workers off the GPUs.
+DEVICE_ENV = "SMCHAINER_DEVICE"
+
 _GPU_SPEC = re.compile(r"^(?:gpu|cuda|@cupy)[:]?(\d+)?$|^(\d+)$")
 
 
@@ -86,9 +89,49 @@ def get_device(spec: str | int | None) -> Any:
     return device
 
 
+def cpu_requested() -> bool:
+    """``SMCHAINER_DEVICE=cpu``: stay on the CPU even where GPUs are visible.
+
+    The Python API's ``local`` instance type sets it (with an empty
+    ``CUDA_VISIBLE_DEVICES``) so that a CPU job or endpoint never picks a GPU.
+    """
+    return os.environ.get(DEVICE_ENV, "").lower() == "cpu"
+
+
+def rank_device(local_rank: int, num_gpus: int) -> str:
+    """The device of a training rank: GPU ``local_rank`` of its host, else the CPU.
+
+    ``num_gpus`` is what the rank reports as ``SM_NUM_GPUS`` (passed in so
+    that the two always agree). There is no wrapping round, unlike
+    :func:`worker_gpu`: ranks sharing a GPU fight over its memory and NCCL
+    refuses them, so a rank without a GPU of its own is refused by
+    :func:`check_rank_device` instead.
+    """
+    if num_gpus <= 0 or cpu_requested():
+        return "cpu"
+    return f"gpu:{local_rank}"
+
+
+def check_rank_device(device: str, local_rank: int, num_gpus: int, host: str) -> None:
+    """Refuse a rank whose :func:`rank_device` names a GPU that its host lacks.
+
+    Only the ``train(env)`` hook is held to it: a script chooses its own
+    device from ``SM_NUM_GPUS`` and may well share GPUs on purpose.
+    """
+    if num_gpus and device != "cpu" and local_rank >= num_gpus:
+        raise DeviceError(
+            f"local rank {local_rank} has no GPU of its own ({num_gpus} on "
+            f"{host}): start at most {num_gpus} processes per host"
+        )
+
+
 def worker_gpu(worker_index: int, default: str | None = None) -> str:
-    """The device of serving worker ``worker_index``: GPU ``i mod n``, else the CPU."""
+    """The device of serving worker ``worker_index``: GPU ``i mod n``, else the CPU.
+
+    Serving workers may outnumber the GPUs (they mostly wait on requests), so
+    they share them round-robin. ``default`` (the server's ``--device``) wins.
+    """
     if default is not None:
         return default
-    count = gpu_count() if os.environ.get("SMCHAINER_DEVICE", "").lower() != "cpu" else 0
+    count = 0 if cpu_requested() else gpu_count()
     return f"gpu:{worker_index % count}" if count else "cpu"

@@ -14,11 +14,9 @@ All run on this machine unless a ``hostfile`` names others.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 import os
-import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -40,13 +38,15 @@ from smchainer.api.local_mode import (
 from smchainer.api.model import Model
 from smchainer.api.session import Session, local_path
 from smchainer.errors import SmchainerError
+from smchainer.training.config import JobSpec, new_job_name
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "train.log"
 DEFAULT_CHANNEL = "training"
 STOP_TIMEOUT = 30.0
-_JOB_NAME_CHARS = re.compile(r"[^A-Za-z0-9-]+")
+#: The base of a job's name when no ``base_job_name`` is given.
+DEFAULT_BASE_JOB_NAME = "smchainer-chainer"
 
 
 class TrainingJobError(SmchainerError):
@@ -63,14 +63,6 @@ class TrainingJobError(SmchainerError):
         self.failure_file = job_dir / "output" / "failure"
         where = self.failure_file if self.failure_file.exists() else job_dir / LOG_FILE
         super().__init__(f"training job {job_name} failed: {reason} (see {where})")
-
-
-def new_job_name(base: str | None) -> str:
-    """``<base>-YYYY-mm-dd-HH-MM-SS-mmm`` as the SDK names jobs (63 characters at most)."""
-    now = datetime.datetime.now()
-    stamp = now.strftime("%Y-%m-%d-%H-%M-%S-") + f"{now.microsecond // 1000:03d}"
-    base = _JOB_NAME_CHARS.sub("-", base or "smchainer-chainer").strip("-") or "smchainer"
-    return f"{base[:63 - len(stamp) - 1]}-{stamp}"
 
 
 class TrainingJob:
@@ -286,6 +278,14 @@ class Estimator:
         self.latest_training_job: TrainingJob | None = None
         if checkpoint_s3_uri is not None and not storage.is_s3_uri(checkpoint_s3_uri):
             raise ValueError(f"checkpoint_s3_uri {checkpoint_s3_uri!r} is not an s3:// URI")
+        if additional_mpi_options:
+            # Split as smchainer-train splits --mpi-options, so that a bad quote
+            # is reported here rather than by the job.
+            try:
+                shlex.split(additional_mpi_options)
+            except ValueError as error:
+                raise ValueError(f"additional_mpi_options {additional_mpi_options!r}: "
+                                 f"{error}") from None
 
     def hyperparameters(self) -> dict[str, Any]:
         """The hyperparameters the job gets, ``sagemaker_*`` launcher keys included."""
@@ -341,29 +341,32 @@ class Estimator:
 
     def training_command(self, channels: dict[str, str], job_name: str,
                          job_dir: Path) -> list[str]:
-        """The ``smchainer-train`` command line of a job."""
-        command = [sys.executable, "-m", "smchainer.training.cli",
-                   "--entry-point", self.entry_point, "--job-name", job_name,
-                   "--job-dir", str(job_dir)]
-        if self.source_dir is not None:
-            command += ["--source-dir", str(self.source_dir)]
-        for name, location in sorted(channels.items()):
-            command += ["--channel", f"{name}={location}"]
-        for key, value in sorted(self.hyperparameters().items()):
-            command += ["--hp", f"{key}={json.dumps(value)}"]
-        if self.output_path is not None:
-            command += ["--output-path", self.output_path if storage.is_s3_uri(self.output_path)
-                        else str(local_path(self.output_path).resolve())]
-        if self.checkpoint_local_path is not None:
-            command += ["--checkpoint-dir", str(local_path(self.checkpoint_local_path).resolve())]
+        """The ``smchainer-train`` command line of a job.
+
+        The job is described as a :class:`~smchainer.training.config.JobSpec`
+        and passed on by its :meth:`~smchainer.training.config.JobSpec.command`,
+        so that the API and the launcher's ranks cannot disagree on options.
+        """
         processes = self.processes()
+        output_path = self.output_path
+        if output_path is not None and not storage.is_s3_uri(output_path):
+            output_path = str(local_path(output_path).resolve())
+        spec = JobSpec(
+            entry_point=Path(self.entry_point),
+            source_dir=self.source_dir,
+            channels=dict(channels),
+            hyperparameters=self.hyperparameters(),
+            job_dir=job_dir,
+            job_name=job_name,
+            output_path=output_path,
+            checkpoint_dir=(local_path(self.checkpoint_local_path).resolve()
+                            if self.checkpoint_local_path is not None else None),
+            num_processes=processes,
+        )
         if processes is not None:
-            command += ["--num-processes", str(processes)]
-            if self.hostfile is not None:
-                command += ["--hostfile", str(self.hostfile)]
-            if self.additional_mpi_options:
-                command += ["--mpi-options", self.additional_mpi_options]
-        return command
+            spec.hostfile = self.hostfile
+            spec.mpi_options = shlex.split(self.additional_mpi_options or "")
+        return spec.command(launch=True)
 
     def _download_checkpoints(self, folder: Path) -> None:
         assert self.checkpoint_s3_uri is not None
@@ -390,7 +393,7 @@ class Estimator:
         channels = self._channels(inputs)
         if self.instance_type == LOCAL_GPU:
             require_gpu()
-        name = job_name or new_job_name(self.base_job_name)
+        name = job_name or new_job_name(self.base_job_name or DEFAULT_BASE_JOB_NAME)
         job_dir = self.jobs_dir / name
         checkpoint_sync = None
         if self.checkpoint_s3_uri is not None:

@@ -2,8 +2,10 @@
 
 Alone it runs the job in this process. Under ``mpirun`` every rank runs it
 and the ranks agree through MPI. With ``--num-processes N`` it starts
-``mpirun`` itself (see :mod:`smchainer.training.launch`). Every option is
-checked before any rank starts.
+``mpirun`` itself. This module only turns the command line into a checked
+:class:`~smchainer.training.config.JobSpec` (every option is checked before
+any rank starts) and hands it to :func:`smchainer.training.launch.run`, which
+owns how the job starts and ends.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from smchainer.cli import LOG_FORMAT, ArgumentParser, add_common_arguments, run_command
+from smchainer.cli import ArgumentParser, add_common_arguments, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -87,58 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configure_logging(level: int) -> None:
-    """Progress from the ``smchainer`` loggers; the script's root logger is left alone."""
-    package = logging.getLogger("smchainer")
-    for handler in list(package.handlers):
-        package.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
-    package.addHandler(handler)
-    package.setLevel(level)
-    package.propagate = False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``smchainer-train`` command."""
     def body(args: argparse.Namespace) -> int:
-        from smchainer.training.config import build_spec, resolve_job
-        from smchainer.training.mpi import detect_world, under_mpirun
+        # Imported once there is a job to run, so that --help stays quick.
+        from smchainer.training.config import build_spec
+        from smchainer.training.launch import run
 
-        level = logging.DEBUG if args.debug else logging.INFO
-        spec = build_spec(args)
-        if spec.num_processes is not None:
-            if under_mpirun():
-                from smchainer.errors import UsageError
-
-                raise UsageError("--num-processes starts mpirun itself: do not run it "
-                                 "under mpirun")
-            from smchainer.training.launch import launch
-            from smchainer.training.runner import write_failure
-
-            _configure_logging(level)
-            resolve_job(spec)
-            assert spec.job_dir is not None
-            for stale in ("success", "failure"):
-                (spec.job_dir / "output" / stale).unlink(missing_ok=True)
-            code = launch(spec)
-            output = spec.job_dir / "output"
-            if code == 0 and (output / "success").exists():
-                return 0
-            # Open MPI exits 0 when it ends a job because a host was lost, so
-            # only rank 0's success file says the job finished.
-            reason = (f"mpirun exited with status {code}" if code != 0 else
-                      "mpirun exited 0 but rank 0 wrote no success file "
-                      "(a host or rank was lost)")
-            write_failure(output, f"MPIError: {reason}\n")
-            print(f"Error: the job failed ({reason}); see {output / 'failure'}",
-                  file=sys.stderr)
-            return 1
-        from smchainer.training.runner import run_job
-
-        world = detect_world()
-        _configure_logging(level if world.rank == 0 else logging.WARNING)
-        return run_job(spec, world, level)
+        return run(build_spec(args), logging.DEBUG if args.debug else logging.INFO)
 
     return run_command(build_parser(), argv, body)
 

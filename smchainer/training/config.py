@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shlex
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,12 @@ from smchainer.storage import StorageError, is_s3_uri, parse_s3_uri
 
 _CHANNEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_BASE_NAME_CHARS = re.compile(r"[^A-Za-z0-9-]+")
+JOB_NAME_LIMIT = 63
 BASE_DIR_ENV = "SAGEMAKER_BASE_DIR"
+#: The module that runs a job and each of its ranks (``python -m`` it; the
+#: ``smchainer-train`` console script is its ``main``).
+TRAIN_MODULE = "smchainer.training.cli"
 
 JOB_FILE_KEYS = (
     "entry_point", "source_dir", "channels", "hyperparameters", "job_dir", "job_name",
@@ -60,8 +66,14 @@ class JobSpec:
     def script_mode(self) -> bool:
         return self.entry_point is not None
 
-    def to_argv(self) -> list[str]:
-        """Options that describe this job to a rank (launch options left out)."""
+    def to_argv(self, *, launch: bool = False) -> list[str]:
+        """This job as ``smchainer-train`` options, the one way a job is passed on.
+
+        Without ``launch`` the options that start mpirun are left out: that
+        is what every rank gets, since a rank runs the job and must not start
+        mpirun again. With ``launch`` they are kept, for a process that is
+        to start the ranks itself (the Python API's child process).
+        """
         argv: list[str] = []
         if self.entry_point is not None:
             argv += ["--entry-point", str(self.entry_point)]
@@ -79,9 +91,25 @@ class JobSpec:
             argv += ["--output-path", self.output_path]
         if self.checkpoint_dir is not None:
             argv += ["--checkpoint-dir", str(self.checkpoint_dir)]
+        if launch and self.num_processes is not None:
+            argv += ["--num-processes", str(self.num_processes)]
+            if self.hostfile is not None:
+                argv += ["--hostfile", str(self.hostfile)]
+            if self.mpi_options:
+                argv += ["--mpi-options", shlex.join(self.mpi_options)]
+            if self.oversubscribe:
+                argv.append("--oversubscribe")
         if self.debug:
             argv.append("--debug")
         return argv
+
+    def command(self, *, launch: bool = False) -> list[str]:
+        """``python -m smchainer.training.cli`` with :meth:`to_argv`, this Python's.
+
+        A child started with it runs in the same environment (Chainer,
+        mpi4py, plugins) whether or not the console script is on ``PATH``.
+        """
+        return [sys.executable, "-m", TRAIN_MODULE, *self.to_argv(launch=launch)]
 
 
 def decode_value(value: Any) -> Any:
@@ -139,10 +167,23 @@ def check_channel(name: str, location: str, base: Path) -> str:
     return str(path)
 
 
-def new_job_name() -> str:
-    """A fresh job name: ``smchainer-YYYYmmdd-HHMMSS-xxxx``."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"smchainer-{stamp}-{secrets.token_hex(2)}"
+def new_job_name(base: str | None = None) -> str:
+    """A fresh job name, for ``smchainer-train`` and the Python API alike.
+
+    Without ``base`` it is ``smchainer-YYYYmmdd-HHMMSS-xxxx``, smchainer-train's
+    documented default: the random part keeps apart two jobs started in the
+    same second in one jobs folder. With ``base`` (an estimator's
+    ``base_job_name``) it is ``<base>-YYYY-mm-dd-HH-MM-SS-mmm``, as the
+    SageMaker SDK names jobs, so that names read as they would on SageMaker:
+    characters SageMaker refuses become ``-`` and the base is cut so that the
+    name keeps within SageMaker's 63 characters.
+    """
+    now = datetime.datetime.now()
+    if base is None:
+        return f"smchainer-{now.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    stamp = now.strftime("%Y-%m-%d-%H-%M-%S-") + f"{now.microsecond // 1000:03d}"
+    base = _BASE_NAME_CHARS.sub("-", base).strip("-") or "smchainer"
+    return f"{base[:JOB_NAME_LIMIT - len(stamp) - 1]}-{stamp}"
 
 
 def default_job_dir(job_name: str) -> Path:

@@ -12,6 +12,12 @@ class TrainingEnv:
 
     Directories follow SageMaker's ``/opt/ml`` layout under ``job_dir``.
     ``device`` is ``"cpu"`` or ``"gpu:N"`` (this rank's GPU).
+
+    Two different "firsts" matter in a job, and each has its own name:
+    :attr:`is_rank_zero` is the one process that reports progress and writes
+    the artifacts; :attr:`is_master` is SageMaker's ``is_master``, true on
+    every process of the first host (``hosts[0]``), as user scripts read it
+    from ``SM_TRAINING_ENV``.
     """
 
     job_dir: Path
@@ -31,11 +37,25 @@ class TrainingEnv:
     user_entry_point: str | None = None
     log_level: int = 20
     job_name: str = ""
+    #: The job's mpi4py communicator (``MPI.COMM_WORLD``) under mpirun, else None:
+    #: the one the rank, size and hosts above were learned from, so that code
+    #: running in the rank builds its ChainerMN communicator on it
+    #: (``chainermn.create_communicator(name, mpi_comm=env.mpi_comm)``).
+    mpi_comm: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """Rank 0: the one process that prints progress and writes the artifacts."""
+        return self.rank == 0
 
     @property
     def is_master(self) -> bool:
-        """Rank 0: the process that prints progress and writes artifacts."""
-        return self.rank == 0
+        """SageMaker's ``is_master``: this process runs on the first host, ``hosts[0]``.
+
+        Every rank of that host is the master; use :attr:`is_rank_zero` for
+        the single process that writes the artifacts.
+        """
+        return self.current_host == self.hosts[0]
 
     @property
     def distributed(self) -> bool:

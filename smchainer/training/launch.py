@@ -1,6 +1,19 @@
-"""``--num-processes N``: start ``mpirun`` so that every rank runs smchainer-train.
+"""How a training job starts and ends: alone, as a rank, or under mpirun it starts.
 
-The command is built here so that a user need not know Open MPI's flags:
+:func:`run` takes the checked :class:`~smchainer.training.config.JobSpec`
+that ``smchainer-train`` parsed and is the only thing the command calls:
+
+- without ``--num-processes`` this process *is* the job, alone or as one rank
+  of an ``mpirun`` the user started: it learns its place from MPI
+  (:func:`~smchainer.training.mpi.detect_world`) and runs its part
+  (:func:`~smchainer.training.runner.run_job`), which writes the failure
+  file and ends every rank when it fails;
+- with ``--num-processes N`` it starts ``mpirun`` (:func:`run_with_mpirun`),
+  whose ranks come back through the first case, waits, and settles the job's
+  exit status and failure file, since mpirun's own status can say success
+  for a job that lost a host.
+
+The mpirun command is built here so that a user need not know Open MPI's flags:
 
 - ``mpirun`` from the same environment as this Python (``.venv/bin``);
 - ``-n N``, and ``--hostfile H`` when given;
@@ -16,6 +29,8 @@ The command is built here so that a user need not know Open MPI's flags:
   ranks' BLAS threads do not fight over the cores;
 - the user's ``--mpi-options``, then ``python -m smchainer.training.cli`` with
   the job's options and a fixed job dir and job name, so all ranks agree.
+  The ranks run the command by its module name, as any mpirun a user writes
+  does; nothing here imports the command's module.
 
 The command is printed before it runs.
 """
@@ -30,8 +45,11 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from smchainer.errors import SmchainerError
-from smchainer.training.config import JobSpec
+from smchainer.cli import setup_package_logging
+from smchainer.errors import SmchainerError, UsageError
+from smchainer.training.config import JobSpec, resolve_job
+from smchainer.training.mpi import detect_world, under_mpirun
+from smchainer.training.runner import run_job, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -82,12 +100,12 @@ def mpirun_command(spec: JobSpec, environ: Mapping[str, str] | None = None) -> l
     for name in forwarded_variables(environ):
         command += ["-x", name]
     command += spec.mpi_options
-    command += [sys.executable, "-m", "smchainer.training.cli", *spec.to_argv()]
+    command += spec.command()
     return command
 
 
 def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
-    """Run the job under mpirun; return mpirun's exit status."""
+    """Run the job under mpirun; return mpirun's exit status (see :func:`run_with_mpirun`)."""
     env = dict(os.environ if environ is None else environ)
     if spec.hostfile is None and spec.num_processes and "OMP_NUM_THREADS" not in env:
         # One BLAS thread per core per rank: N ranks each starting a thread per
@@ -110,3 +128,41 @@ def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
             process.kill()
             process.wait()
         raise
+
+
+def run(spec: JobSpec, log_level: int = logging.INFO) -> int:
+    """Run the job ``spec`` describes from this process; the exit status."""
+    if spec.num_processes is not None:
+        return run_with_mpirun(spec, log_level)
+    world = detect_world()
+    # Every rank logs to the same terminal: progress from rank 0 only.
+    setup_package_logging(log_level if world.rank == 0 else logging.WARNING)
+    return run_job(spec, world, log_level)
+
+
+def run_with_mpirun(spec: JobSpec, log_level: int = logging.INFO) -> int:
+    """Start the job's ranks with mpirun, wait, and settle the job's end.
+
+    0 only when mpirun exits 0 *and* rank 0 wrote ``output/success``: Open
+    MPI exits 0 when it ends a job because a host was lost. Otherwise 1, with
+    an ``MPIError`` failure file unless a rank already wrote its own (which
+    says more). Stale success and failure files are removed first, so that
+    neither can speak for this run.
+    """
+    if under_mpirun():
+        raise UsageError("--num-processes starts mpirun itself: do not run it under mpirun")
+    setup_package_logging(log_level)
+    resolve_job(spec)
+    assert spec.job_dir is not None
+    output = spec.job_dir / "output"
+    for stale in ("success", "failure"):
+        (output / stale).unlink(missing_ok=True)
+    code = launch(spec)
+    if code == 0 and (output / "success").exists():
+        return 0
+    reason = (f"mpirun exited with status {code}" if code != 0 else
+              "mpirun exited 0 but rank 0 wrote no success file "
+              "(a host or rank was lost)")
+    write_failure(output, f"MPIError: {reason}\n")
+    print(f"Error: the job failed ({reason}); see {output / 'failure'}", file=sys.stderr)
+    return 1

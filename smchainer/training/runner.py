@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any
 
 from smchainer import storage
-from smchainer.device import DeviceError, gpu_count
+from smchainer.device import check_rank_device, gpu_count, rank_device
 from smchainer.errors import SmchainerError
 from smchainer.training import sm_env
 from smchainer.training.config import JobSpec, new_job_name, resolve_job
@@ -91,10 +91,14 @@ def cpu_count() -> int:
 
 
 def build_env(spec: JobSpec, world: World, log_level: int) -> TrainingEnv:
-    """This rank's :class:`TrainingEnv` (``spec`` already resolved)."""
+    """This rank's :class:`TrainingEnv` (``spec`` already resolved).
+
+    The device is :func:`smchainer.device.rank_device`'s choice, so that ranks
+    and serving workers are placed by one module; the World's communicator
+    travels along as ``mpi_comm`` so that the rank's code need not open its own.
+    """
     assert spec.job_dir is not None
     num_gpus = gpu_count()
-    use_gpu = num_gpus > 0 and os.environ.get("SMCHAINER_DEVICE", "").lower() != "cpu"
     level = spec.hyperparameters.get("sagemaker_container_log_level", log_level)
     return TrainingEnv(
         job_dir=spec.job_dir,
@@ -108,12 +112,13 @@ def build_env(spec: JobSpec, world: World, log_level: int) -> TrainingEnv:
         local_size=world.local_size,
         num_gpus=num_gpus,
         num_cpus=cpu_count(),
-        device=f"gpu:{world.local_rank}" if use_gpu else "cpu",
+        device=rank_device(world.local_rank, num_gpus),
         checkpoint_dir=spec.checkpoint_dir,
         network_interface_name=network_interface_name(),
         user_entry_point=spec.entry_point.name if spec.entry_point else None,
         log_level=int(level) if str(level).lstrip("-").isdigit() else log_level,
         job_name=spec.job_name,
+        mpi_comm=world.comm,
     )
 
 
@@ -321,11 +326,7 @@ def run_hook(env: TrainingEnv) -> Any:
     from smchainer.manager import Hooks
     from smchainer.plugins import get_plugin_manager
 
-    if env.num_gpus and env.device != "cpu" and env.local_rank >= env.num_gpus:
-        raise DeviceError(
-            f"local rank {env.local_rank} has no GPU of its own ({env.num_gpus} on "
-            f"{env.current_host}): start at most {env.num_gpus} processes per host"
-        )
+    check_rank_device(env.device, env.local_rank, env.num_gpus, env.current_host)
     hooks = Hooks(get_plugin_manager())
     logger.info("no entry point: running the train hook")
     try:

@@ -16,10 +16,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from smchainer.training.config import TRAIN_MODULE
 from smchainer.training.env import TrainingEnv
 
 RESERVED_PREFIX = "sagemaker_"
-FRAMEWORK_MODULE = "smchainer.training.cli:main"
+FRAMEWORK_MODULE = f"{TRAIN_MODULE}:main"
 INSTANCE_TYPE = "local"
 INSTANCE_GROUP = "homogeneousCluster"
 
@@ -115,7 +116,7 @@ def training_env(env: TrainingEnv) -> dict[str, Any]:
         "input_dir": str(env.input_dir),
         "instance_groups": [INSTANCE_GROUP],
         "is_hetero": False,
-        "is_master": env.current_host == env.hosts[0],
+        "is_master": env.is_master,
         "job_name": env.job_name,
         "log_level": env.log_level,
         "master_hostname": env.hosts[0],
