@@ -176,7 +176,7 @@ def scaling(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def trainer_kernels(device: str) -> str:
     """What the trainer's ``kernels=auto`` runs on ``device`` (the bare step runs the same)."""
-    from smchainer.default_plugins.vgg_training import resolve_kernels
+    from smchainer.default_plugins.vgg.hyperparameters import resolve_kernels
 
     return resolve_kernels("auto", on_gpu=device == "gpu")
 

@@ -105,7 +105,8 @@ def save_vgg(model_dir: Path, depth: int, width: float, class_names: list[str],
     """A VGG with seeded random weights, saved as the built-in trainer saves one."""
     import chainer.links as L
 
-    from smchainer.default_plugins.vgg_training import parse_hyperparameters, save_model
+    from smchainer.default_plugins.vgg.hyperparameters import parse_hyperparameters
+    from smchainer.default_plugins.vgg.modelfile import save_model
     from smchainer.models.vgg import VGG, count_parameters
 
     np.random.seed(seed)

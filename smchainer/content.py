@@ -71,6 +71,28 @@ def parse_accept(header: str | None, default: str) -> list[str]:
     return result
 
 
+def acceptable_types(header: str | None, default: str) -> list[str]:
+    """What a client accepts, best first, for the output hooks to try in turn.
+
+    :func:`parse_accept`'s ranges, each ``type/*`` preceded by the NumPy
+    types it covers (the built-in encoders' answer to it), ``*/*`` standing
+    for ``default``.
+
+    :raises NotAcceptable: when the header accepts nothing.
+    """
+    candidates: list[str] = []
+    try:
+        ranges = parse_accept(header, default)
+    except NotAcceptable as error:
+        raise NotAcceptable(f"{error}; supported: {', '.join(NUMPY_TYPES)}") from None
+    for media_range in ranges:
+        if media_range.endswith("/*"):
+            prefix = media_range[:-1]
+            candidates += [t for t in NUMPY_TYPES if t.startswith(prefix)]
+        candidates.append(media_range)
+    return list(dict.fromkeys(candidates))
+
+
 def match_media_range(media_range: str, supported: tuple[str, ...]) -> str | None:
     """The first of ``supported`` that ``media_range`` (maybe ``type/*``) covers."""
     if media_range in supported:

@@ -11,6 +11,13 @@ Names and argument orders are SageMaker's, so the functions of a SageMaker
 ``inference.py`` or training script map over unchanged; such functions need no
 marker (see :func:`smchainer.plugins.plugin_from_module`). Plugins distributed
 as packages mark their functions with ``@smchainer.hookimpl``.
+
+Every serving hook also has a ``context`` argument
+(:class:`smchainer.context.ServingContext`: the model, its directory, its
+``smchainer-model.json`` and state kept per model and per request). pluggy
+passes an implementation only the arguments it names, so an implementation
+that does not name ``context`` never sees it; SageMaker-style user functions
+never do.
 """
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from smchainer.context import ServingContext
     from smchainer.training.env import TrainingEnv
 
 PROJECT_NAME = "smchainer"
@@ -33,7 +41,7 @@ HOOK_NAMES = SERVING_HOOKS + ("train",)
 
 
 @hookspec(firstresult=True)
-def model_fn(model_dir: str) -> Any:
+def model_fn(model_dir: str, context: ServingContext) -> Any | None:
     """Load the model that the server will use.
 
     Called once per server worker, when the worker starts and before it
@@ -45,13 +53,16 @@ def model_fn(model_dir: str) -> Any:
 
     :param model_dir: directory holding the model artifacts (the extracted
         ``model.tar.gz``).
+    :param context: the model's context; its ``model`` is None until a
+        ``model_fn`` answers (a ``wrapper=True`` implementation sees the
+        answer and may keep what it learns in ``context.shared``).
     :return: the model object passed to :func:`predict_fn` and
         :func:`transform_fn`, usually a :class:`chainer.Link`.
     """
 
 
 @hookspec(firstresult=True)
-def input_fn(input_data: bytes, content_type: str) -> Any:
+def input_fn(input_data: bytes, content_type: str, context: ServingContext) -> Any | None:
     """Decode a request body into the input of :func:`predict_fn`.
 
     Called once per ``/invocations`` request. The default decodes
@@ -65,12 +76,13 @@ def input_fn(input_data: bytes, content_type: str) -> Any:
     :param input_data: the raw request body.
     :param content_type: the media type, lower-cased, without parameters
         (``text/csv; charset=utf-8`` arrives as ``text/csv``).
+    :param context: this request's context.
     :return: the decoded input, usually a :class:`numpy.ndarray`.
     """
 
 
 @hookspec(firstresult=True)
-def predict_fn(input_data: Any, model: Any) -> Any:
+def predict_fn(input_data: Any, model: Any, context: ServingContext) -> Any | None:
     """Run the model on decoded input.
 
     The default calls ``model(input_data)`` in Chainer's evaluation mode
@@ -81,12 +93,13 @@ def predict_fn(input_data: Any, model: Any) -> Any:
 
     :param input_data: what :func:`input_fn` returned.
     :param model: what :func:`model_fn` returned.
+    :param context: this request's context.
     :return: the prediction passed to :func:`output_fn`.
     """
 
 
 @hookspec(firstresult=True)
-def output_fn(prediction: Any, accept: str) -> Any:
+def output_fn(prediction: Any, accept: str, context: ServingContext) -> Any | None:
     """Encode a prediction as the response body.
 
     The default encodes NumPy-compatible predictions as ``application/json``,
@@ -99,13 +112,16 @@ def output_fn(prediction: Any, accept: str) -> Any:
     :param prediction: what :func:`predict_fn` returned.
     :param accept: one concrete media type the client accepts (the server
         resolves q-values and ``*/*`` before calling).
+    :param context: this request's context.
     :return: the body as ``bytes`` or ``str`` (sent as ``accept``), or a
         ``(body, content_type)`` pair.
     """
 
 
 @hookspec(firstresult=True)
-def transform_fn(model: Any, input_data: bytes, content_type: str, accept: str) -> Any:
+def transform_fn(
+    model: Any, input_data: bytes, content_type: str, accept: str, context: ServingContext
+) -> Any | None:
     """Handle a whole request in one function, replacing the other three.
 
     When an implementation returns non-None, :func:`input_fn`,
@@ -119,12 +135,13 @@ def transform_fn(model: Any, input_data: bytes, content_type: str, accept: str) 
     :param input_data: the raw request body.
     :param content_type: the request's media type, without parameters.
     :param accept: one concrete media type the client accepts.
+    :param context: this request's context.
     :return: as for :func:`output_fn`.
     """
 
 
 @hookspec(firstresult=True)
-def train(env: TrainingEnv) -> Any:
+def train(env: TrainingEnv) -> Any | None:
     """Run a training job when no entry-point script is given.
 
     Called by ``smchainer-train`` on every rank after the job directory,

@@ -1,14 +1,21 @@
-"""A typed facade over the plugin manager: one method per hook.
+"""A typed facade over the plugin manager: one method per hook, and the request pipeline.
 
-Callers (the server, the training launcher) use :class:`Hooks` instead of
-``pm.hook.<name>(...)`` so that arguments are passed by keyword in one place
+Callers (the server, the training launcher, tests) use :class:`Hooks` instead
+of ``pm.hook.<name>(...)`` so that arguments are passed by keyword in one
+place, every serving hook gets its :class:`~smchainer.context.ServingContext`,
 and "nobody answered" becomes a clear error instead of a silent ``None``.
+:meth:`Hooks.transform` is the one path a request takes through the hooks,
+for the server and for everyone else.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from smchainer.errors import SmchainerError
+from smchainer import content
+from smchainer.context import ServingContext
+from smchainer.errors import NotAcceptable, SmchainerError
 
 if TYPE_CHECKING:
     from smchainer.plugins import PluginManager
@@ -20,10 +27,18 @@ class NoImplementation(SmchainerError):
 
 
 class Hooks:
-    """Call the smchainer hooks of one plugin manager."""
+    """Call the smchainer hooks of one plugin manager.
+
+    The contexts of the models its :meth:`model_fn` loaded are kept (the
+    last few), so a request for one of them carries that model's context.
+    """
+
+    #: How many loaded models keep their context (a server worker loads one).
+    KEPT_CONTEXTS = 8
 
     def __init__(self, pm: PluginManager) -> None:
         self.pm = pm
+        self._contexts: OrderedDict[int, ServingContext] = OrderedDict()
 
     def _answer(self, name: str, **kwargs: Any) -> Any:
         result = getattr(self.pm.hook, name)(**kwargs)
@@ -33,38 +48,103 @@ class Hooks:
             )
         return result
 
+    def implements(self, name: str) -> bool:
+        """Whether any registered plugin implements the hook ``name``."""
+        return bool(getattr(self.pm.hook, name).get_hookimpls())
+
+    # -- contexts ------------------------------------------------------------
+
+    def context_of(self, model: Any) -> ServingContext:
+        """The context :meth:`model_fn` made for ``model``, else a bare one (no directory)."""
+        context = self._contexts.get(id(model))
+        if context is not None and context.model is model:
+            return context
+        return ServingContext(None, model)
+
+    def request_context(self, model: Any) -> ServingContext:
+        """A fresh context for one request to ``model``."""
+        return self.context_of(model).for_request()
+
+    # -- the hooks -----------------------------------------------------------
+
     def model_fn(self, model_dir: str) -> Any:
-        return self._answer("model_fn", model_dir=model_dir)
+        context = ServingContext(model_dir)
+        model = self._answer("model_fn", model_dir=model_dir, context=context)
+        context.model = model
+        self._contexts[id(model)] = context
+        self._contexts.move_to_end(id(model))
+        while len(self._contexts) > self.KEPT_CONTEXTS:
+            self._contexts.popitem(last=False)
+        return model
 
-    def input_fn(self, input_data: bytes, content_type: str) -> Any:
-        return self._answer("input_fn", input_data=input_data, content_type=content_type)
+    def input_fn(self, input_data: bytes, content_type: str,
+                 context: ServingContext | None = None) -> Any:
+        context = context if context is not None else ServingContext(None)
+        return self._answer("input_fn", input_data=input_data, content_type=content_type,
+                            context=context)
 
-    def predict_fn(self, input_data: Any, model: Any) -> Any:
-        return self._answer("predict_fn", input_data=input_data, model=model)
+    def predict_fn(self, input_data: Any, model: Any,
+                   context: ServingContext | None = None) -> Any:
+        context = context if context is not None else self.request_context(model)
+        return self._answer("predict_fn", input_data=input_data, model=model, context=context)
 
-    def output_fn(self, prediction: Any, accept: str) -> tuple[bytes, str]:
-        answer = self._answer("output_fn", prediction=prediction, accept=accept)
+    def output_fn(self, prediction: Any, accept: str,
+                  context: ServingContext | None = None) -> tuple[bytes, str]:
+        context = context if context is not None else ServingContext(None)
+        answer = self._answer("output_fn", prediction=prediction, accept=accept, context=context)
         return normalize_body(answer, accept)
 
     def transform_fn(
-        self, model: Any, input_data: bytes, content_type: str, accept: str
+        self, model: Any, input_data: bytes, content_type: str, accept: str,
+        context: ServingContext | None = None,
     ) -> tuple[bytes, str] | None:
         """The transform_fn answer, or None when no plugin defines one."""
+        context = context if context is not None else self.request_context(model)
         result = self.pm.hook.transform_fn(
-            model=model, input_data=input_data, content_type=content_type, accept=accept
+            model=model, input_data=input_data, content_type=content_type, accept=accept,
+            context=context,
         )
         return None if result is None else normalize_body(result, accept)
 
     def transform(
-        self, model: Any, input_data: bytes, content_type: str, accept: str
+        self, model: Any, input_data: bytes, content_type: str, accept: str | Sequence[str],
+        context: ServingContext | None = None,
     ) -> tuple[bytes, str]:
-        """One request: transform_fn if defined, else input -> predict -> output."""
-        answered = self.transform_fn(model, input_data, content_type, accept)
-        if answered is not None:
-            return answered
-        decoded = self.input_fn(input_data, content_type)
-        prediction = self.predict_fn(decoded, model)
-        return self.output_fn(prediction, accept)
+        """One request through the hooks; the body and its media type.
+
+        ``transform_fn`` when a plugin defines one, else ``input_fn`` ->
+        ``predict_fn`` -> ``output_fn``. ``accept`` is one media type or the
+        client's acceptable ones, best first (see
+        :func:`smchainer.content.acceptable_types`): each is tried in turn
+        until an output hook does not refuse it with
+        :class:`~smchainer.errors.NotAcceptable`.
+        """
+        accepts = [accept] if isinstance(accept, str) else list(accept)
+        context = context if context is not None else self.request_context(model)
+        refused: list[str] = []
+        if self.implements("transform_fn"):
+            for media_type in accepts:
+                try:
+                    answered = self.transform_fn(model, input_data, content_type, media_type,
+                                                 context)
+                except NotAcceptable as error:
+                    refused.append(str(error))
+                    continue
+                if answered is None:
+                    break
+                return answered
+        if not refused:
+            decoded = self.input_fn(input_data, content_type, context)
+            prediction = self.predict_fn(decoded, model, context)
+            for media_type in accepts:
+                try:
+                    return self.output_fn(prediction, media_type, context)
+                except NotAcceptable as error:
+                    refused.append(str(error))
+        raise NotAcceptable(
+            f"no acceptable response type: Accept asks for {', '.join(accepts)}; "
+            + (refused[-1] if refused else f"supported: {', '.join(content.NUMPY_TYPES)}")
+        )
 
     def train(self, env: TrainingEnv) -> Any:
         return self._answer("train", env=env)

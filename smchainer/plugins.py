@@ -18,6 +18,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import logging
 import os
 import sys
@@ -146,20 +147,27 @@ def _marked(obj: object) -> bool:
     return hasattr(obj, f"{hookspecs.PROJECT_NAME}_impl")
 
 
-# SageMaker calls handler functions positionally, so user scripts name the
-# arguments as they like (``def input_fn(request_body, request_content_type)``).
-# pluggy passes arguments by the implementation's parameter names: each
-# adapter has the spec's names and calls the user's function positionally.
-_POSITIONAL_ADAPTERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
-    "model_fn": lambda f: lambda model_dir: f(model_dir),
-    "input_fn": lambda f: lambda input_data, content_type: f(input_data, content_type),
-    "predict_fn": lambda f: lambda input_data, model: f(input_data, model),
-    "output_fn": lambda f: lambda prediction, accept: f(prediction, accept),
-    "transform_fn": lambda f: lambda model, input_data, content_type, accept: f(
-        model, input_data, content_type, accept
-    ),
-    "train": lambda f: lambda env: f(env),
-}
+def sagemaker_arguments(hook_name: str) -> tuple[str, ...]:
+    """The arguments SageMaker passes to ``hook_name``: its spec's, without ``context``."""
+    spec = getattr(hookspecs, hook_name)
+    return tuple(name for name in inspect.signature(spec).parameters if name != "context")
+
+
+def positional_adapter(hook_name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` as an implementation of ``hook_name`` that pluggy can call.
+
+    SageMaker calls handler functions positionally, so user scripts name the
+    arguments as they like (``def input_fn(request_body, request_content_type)``),
+    while pluggy passes arguments by the implementation's parameter names,
+    which it reads from the function's code object. The adapter is therefore
+    compiled with the spec's own names (taken from :mod:`smchainer.hookspecs`,
+    never copied by hand) and passes them on by position.
+    """
+    names = ", ".join(sagemaker_arguments(hook_name))
+    namespace: dict[str, Any] = {"function": function}
+    source = f"def {hook_name}({names}):\n    return function({names})\n"
+    exec(compile(source, f"<smchainer adapter for {hook_name}>", "exec"), namespace)
+    return namespace[hook_name]
 
 
 def plugin_from_module(module: types.ModuleType) -> object:
@@ -199,7 +207,7 @@ def plugin_from_module(module: types.ModuleType) -> object:
         return module
     plugin = types.SimpleNamespace(__name__=module.__name__, __file__=where)
     for name in sorted(defined):
-        setattr(plugin, name, hookspecs.hookimpl(_POSITIONAL_ADAPTERS[name](functions[name])))
+        setattr(plugin, name, hookspecs.hookimpl(positional_adapter(name, functions[name])))
     return plugin
 
 

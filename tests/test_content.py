@@ -1,4 +1,4 @@
-"""Media-type parsing and the NumPy codecs (CONTRACT.md's serving defaults)."""
+"""Media-type parsing and the NumPy codecs (docs/CONTRACT.md, serving defaults)."""
 from __future__ import annotations
 
 import io

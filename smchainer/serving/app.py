@@ -32,7 +32,6 @@ from smchainer.errors import (
     BadRequest,
     HTTPError,
     ModelNotLoaded,
-    NotAcceptable,
     PayloadTooLarge,
     SmchainerError,
     http_status_of,
@@ -270,7 +269,7 @@ class InferenceApp:
         content_type = content.media_type(
             environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
         )
-        accepts = self.accept_candidates(environ.get("HTTP_ACCEPT"))
+        accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"), self.default_accept)
         body = self.read_body(environ)
         future = self.runner.submit(lambda: self.infer(model, body, content_type, accepts))
         try:
@@ -321,50 +320,9 @@ class InferenceApp:
             if total > limit:
                 raise self.too_large("more than that")
 
-    def accept_candidates(self, header: str | None) -> list[str]:
-        """Acceptable types, best first; ``type/*`` ranges expanded to the NumPy types."""
-        candidates: list[str] = []
-        try:
-            ranges = content.parse_accept(header, self.default_accept)
-        except NotAcceptable as error:
-            raise NotAcceptable(
-                f"{error}; supported: {', '.join(content.NUMPY_TYPES)}"
-            ) from None
-        for media_range in ranges:
-            if media_range.endswith("/*"):
-                prefix = media_range[:-1]
-                candidates += [t for t in content.NUMPY_TYPES if t.startswith(prefix)]
-            candidates.append(media_range)
-        return list(dict.fromkeys(candidates))
-
     def infer(self, model: Any, body: bytes, content_type: str,
               accepts: list[str]) -> tuple[bytes, str]:
-        """One request through the hooks, trying each acceptable type in turn."""
+        """One request through the hooks (:meth:`Hooks.transform`), on this thread's device."""
         if self.holder.device is not None:
             self.holder.device.use()  # CuPy's current device is per thread
-        refused: list[str] = []
-        if self.pm_has("transform_fn"):
-            for accept in accepts:
-                try:
-                    answered = self.hooks.transform_fn(model, body, content_type, accept)
-                except NotAcceptable as error:
-                    refused.append(str(error))
-                    continue
-                if answered is None:
-                    break
-                return answered
-        if not refused:
-            decoded = self.hooks.input_fn(body, content_type)
-            prediction = self.hooks.predict_fn(decoded, model)
-            for accept in accepts:
-                try:
-                    return self.hooks.output_fn(prediction, accept)
-                except NotAcceptable as error:
-                    refused.append(str(error))
-        raise NotAcceptable(
-            f"no acceptable response type: Accept asks for {', '.join(accepts)}; "
-            + (refused[-1] if refused else f"supported: {', '.join(content.NUMPY_TYPES)}")
-        )
-
-    def pm_has(self, hook: str) -> bool:
-        return bool(getattr(self.hooks.pm.hook, hook).get_hookimpls())
+        return self.hooks.transform(model, body, content_type, accepts)

@@ -2,7 +2,7 @@
 
 Everything a SageMaker training script may read is computed here from a
 :class:`~smchainer.training.env.TrainingEnv`: the ``SM_*`` variables (see
-``CONTRACT.md``), ``SM_TRAINING_ENV`` (one JSON object with all of them) and
+``docs/CONTRACT.md``), ``SM_TRAINING_ENV`` (one JSON object with all of them) and
 the hyperparameters as command-line arguments.
 
 Naming rule: ``"SM_" + key.upper()``, dashes kept (``batch-size`` ->

@@ -10,7 +10,8 @@ import chainer.functions as F
 import numpy as np
 import pytest
 
-from smchainer.default_plugins import vgg_training as vt
+from smchainer.default_plugins.vgg import data as vgg_data
+from smchainer.default_plugins.vgg import updater as vgg_updater
 from smchainer.functions.augment import crop_flip
 from smchainer.testing import require_gpu
 
@@ -36,7 +37,7 @@ def test_gpu_crop_flip_equals_the_cpu(device, seed) -> None:
     images = cifar_like(seed)
     rng = np.random.default_rng(seed + 100)
     index = rng.integers(0, len(images), size=256)
-    top, left, flip = vt.draw_crops(rng, 256)
+    top, left, flip = vgg_data.draw_crops(rng, 256)
     expected = crop_flip(images, index, top, left, flip)
     on_gpu = device.send(images)
     # As the trainer passes them: rows of one int64 array sent in one copy.
@@ -57,7 +58,7 @@ def test_gpu_identity_crop_and_bad_rows(device) -> None:
     centre = np.full(len(index), 4)
     no_flip = np.zeros(len(index), dtype=bool)
     same = crop_flip(device.send(images), device.send(index), centre, centre, no_flip)
-    np.testing.assert_array_equal(cupy.asnumpy(same), vt.to_float(images[index]))
+    np.testing.assert_array_equal(cupy.asnumpy(same), vgg_data.to_float(images[index]))
     bad = index.copy()
     bad[[1, 4]] = [300, -2]
     marked = cupy.asnumpy(crop_flip(device.send(images), bad, centre, centre, no_flip))
@@ -72,7 +73,7 @@ def test_gpu_crop_flip_of_a_large_batch(device) -> None:
     images = cifar_like(3, n=3000)
     rng = np.random.default_rng(3)
     index = rng.integers(0, 3000, size=2000)  # 6.1 M outputs > 65,535 blocks x 256
-    top, left, flip = vt.draw_crops(rng, 2000)
+    top, left, flip = vgg_data.draw_crops(rng, 2000)
     got = crop_flip(device.send(images), device.send(index), top, left, flip)
     np.testing.assert_array_equal(cupy.asnumpy(got), crop_flip(images, index, top, left, flip))
 
@@ -97,8 +98,8 @@ def fed_batches(device, images, labels, steps: int) -> list:
     optimizer = chainer.optimizers.SGD()
     optimizer.setup(recorder)
     iterator = chainer.iterators.SerialIterator(
-        np.arange(len(labels)), 128, order_sampler=vt.DerivedOrderSampler(5))
-    updater = vt.AugmentingUpdater(iterator, optimizer, device=device, seed=5, rank=0,
+        np.arange(len(labels)), 128, order_sampler=vgg_data.DerivedOrderSampler(5))
+    updater = vgg_updater.AugmentingUpdater(iterator, optimizer, device=device, seed=5, rank=0,
                                    augment=True, images=images, labels=labels)
     assert isinstance(updater.images, device.xp.ndarray)  # held where training runs
     for _ in range(steps):

@@ -74,17 +74,18 @@ def decode_cache(tmp_path_factory):
 def test_the_built_in_trainer_learns_cifar10_on_the_gpu(gpu_device, tmp_path, cifar10,
                                                        decode_cache, kernels):
     """The built-in VGG trainer on real CIFAR-10 images with each kernel set."""
-    from smchainer.default_plugins import vgg_training as vt
+    from smchainer.default_plugins.vgg import hyperparameters as vgg_hp
+    from smchainer.default_plugins.vgg import trainer as vgg_trainer
     from smchainer.training.env import TrainingEnv
 
     del gpu_device  # the job's device is gpu:0
     env = TrainingEnv(job_dir=tmp_path / "job", device="gpu:0", num_gpus=1,
                       channels={"train": cifar10 / "train.zip", "test": cifar10 / "test.zip"})
-    hp = vt.parse_hyperparameters({
+    hp = vgg_hp.parse_hyperparameters({
         "epochs": 3, "batch-size": 128, "learning-rate": 0.1, "lr-schedule": "onecycle",
         "width": 0.5, "depth": 11, "train-samples": 10000, "test-samples": 2000,
         "kernels": kernels, "progress-bar": False, "cache-dir": str(decode_cache),
     })
-    metrics = vt.run_training(env, hp)
+    metrics = vgg_trainer.run_training(env, hp)
     assert metrics["kernels"] == kernels
     assert metrics["test_accuracy"] > 0.35, metrics  # chance: 0.1

@@ -17,11 +17,16 @@ import chainer.functions as F
 import numpy as np
 import pytest
 
-from smchainer.default_plugins import vgg_training as vt
+from smchainer.default_plugins.vgg import data as vgg_data
+from smchainer.default_plugins.vgg import hyperparameters as vgg_hp
+from smchainer.default_plugins.vgg import model as vgg_model
+from smchainer.default_plugins.vgg import updater as vgg_updater
 from smchainer.errors import SmchainerError
 from smchainer.functions import augment as aug
 from smchainer.functions import channels_last
 from smchainer.functions.augment import crop_flip
+from smchainer.models.vgg import VGG
+from tests.vgg import reference as former
 
 
 def random_images(seed: int, shape=(40, 3, 32, 32)) -> np.ndarray:
@@ -48,9 +53,9 @@ def reference(images, index, top, left, flip, pad=4) -> np.ndarray:
 def test_crop_flip_equals_augment_then_to_float(seed) -> None:
     images = random_images(seed)
     index = np.random.default_rng(seed + 10).integers(0, len(images), size=64)  # with repeats
-    expected = vt.to_float(vt.augment(images[index], np.random.default_rng(seed)))
+    expected = vgg_data.to_float(former.augment(images[index], np.random.default_rng(seed)))
     # The same generator state gives the same crops through draw_crops.
-    top, left, flip = vt.draw_crops(np.random.default_rng(seed), len(index))
+    top, left, flip = vgg_data.draw_crops(np.random.default_rng(seed), len(index))
     got = crop_flip(images, index, top, left, flip)
     assert got.dtype == np.float32 and got.shape == (64, 3, 32, 32)
     np.testing.assert_array_equal(got, expected)
@@ -73,13 +78,13 @@ def test_the_centre_crop_without_flip_is_the_image() -> None:
     index = np.array([5, 0, 39, 5])
     centre = np.full(4, 4)
     same = crop_flip(images, index, centre, centre, np.zeros(4, dtype=bool))
-    np.testing.assert_array_equal(same, vt.to_float(images[index]))
+    np.testing.assert_array_equal(same, vgg_data.to_float(images[index]))
     mirrored = crop_flip(images, index, centre, centre, np.ones(4, dtype=bool))
-    np.testing.assert_array_equal(mirrored, vt.to_float(images[index][..., ::-1]))
+    np.testing.assert_array_equal(mirrored, vgg_data.to_float(images[index][..., ::-1]))
     # A corner crop shifts the image and brings in zeros.
     corner = crop_flip(images, index[:1], np.zeros(1, int), np.zeros(1, int), np.zeros(1, bool))
     assert not corner[0, :, :4].any() and not corner[0, :, :, :4].any()
-    np.testing.assert_array_equal(corner[0, :, 4:, 4:], vt.to_float(images[5, :, :28, :28]))
+    np.testing.assert_array_equal(corner[0, :, 4:, 4:], vgg_data.to_float(images[5, :, :28, :28]))
 
 
 def test_crop_flip_refuses_what_it_cannot_crop() -> None:
@@ -192,23 +197,23 @@ def test_the_updater_feeds_what_the_per_batch_pipeline_fed(augment, gather_on_de
     optimizer = chainer.optimizers.SGD()
     optimizer.setup(recorder)
     iterator = chainer.iterators.SerialIterator(
-        np.arange(50), 16, order_sampler=vt.DerivedOrderSampler(3, 1))
-    updater = vt.AugmentingUpdater(
+        np.arange(50), 16, order_sampler=vgg_data.DerivedOrderSampler(3, 1))
+    updater = vgg_updater.AugmentingUpdater(
         iterator, optimizer, device=chainer.get_device("@numpy"), seed=3, rank=1,
         augment=augment, images=images, labels=labels, gather_on_device=gather_on_device)
     # The former pipeline: (image, label) tuples, stacked, augmented, scaled.
     examples = chainer.iterators.SerialIterator(
         chainer.datasets.TupleDataset(images, labels), 16,
-        order_sampler=vt.DerivedOrderSampler(3, 1))
+        order_sampler=vgg_data.DerivedOrderSampler(3, 1))
     for step in range(9):  # past two epoch ends (a short batch mixes two epochs)
-        rng = vt.iteration_rng(3, 1, step)
+        rng = vgg_data.iteration_rng(3, 1, step)
         rng.integers(2**32)  # the draw that reseeds NumPy's global generator
-        batch_images, batch_labels = vt.stack_batch(examples.next())
+        batch_images, batch_labels = vgg_data.stack_batch(examples.next())
         if augment:
-            batch_images = vt.augment(batch_images, rng)
+            batch_images = former.augment(batch_images, rng)
         updater.update()
         x, t = recorder.seen[-1]
-        np.testing.assert_array_equal(x, vt.to_float(batch_images), err_msg=f"step {step}")
+        np.testing.assert_array_equal(x, vgg_data.to_float(batch_images), err_msg=f"step {step}")
         np.testing.assert_array_equal(t, batch_labels, err_msg=f"step {step}")
         assert x.dtype == np.float32 and t.dtype == np.int32
     assert updater.epoch == 2
@@ -220,20 +225,22 @@ def test_the_updater_refuses_mismatched_arrays() -> None:
     optimizer.setup(recorder)
     iterator = chainer.iterators.SerialIterator(np.arange(4), 2)
     with pytest.raises(ValueError, match="4 training images but 3 labels"):
-        vt.AugmentingUpdater(iterator, optimizer, device=chainer.get_device("@numpy"), seed=0,
-                             rank=0, augment=True, images=random_images(0, (4, 3, 32, 32)),
-                             labels=np.zeros(3, np.int32))
+        vgg_updater.AugmentingUpdater(iterator, optimizer, device=chainer.get_device("@numpy"),
+                                      seed=0, rank=0, augment=True,
+                                      images=random_images(0, (4, 3, 32, 32)),
+                                      labels=np.zeros(3, np.int32))
 
 
 # --- the new hyperparameters --------------------------------------------------------------
 
 
 def test_new_hyperparameters_and_their_defaults() -> None:
-    defaults = vt.parse_hyperparameters({})
+    defaults = vgg_hp.parse_hyperparameters({})
     assert (defaults.kernels, defaults.dropout, defaults.label_smoothing) == ("auto", 1.0, 0.0)
-    hp = vt.parse_hyperparameters({"kernels": " Fused ", "dropout": "0", "label_smoothing": "0.1"})
+    hp = vgg_hp.parse_hyperparameters(
+        {"kernels": " Fused ", "dropout": "0", "label_smoothing": "0.1"})
     assert (hp.kernels, hp.dropout, hp["label-smoothing"]) == ("fused", 0.0, 0.1)
-    assert vt.parse_hyperparameters({"dropout": 1.99}).dropout == 1.99
+    assert vgg_hp.parse_hyperparameters({"dropout": 1.99}).dropout == 1.99
 
 
 @pytest.mark.parametrize(
@@ -248,21 +255,21 @@ def test_new_hyperparameters_and_their_defaults() -> None:
 )
 def test_bad_new_hyperparameters_are_named(raw, message) -> None:
     with pytest.raises(SmchainerError, match=message):
-        vt.parse_hyperparameters(raw)
+        vgg_hp.parse_hyperparameters(raw)
 
 
 def test_kernels_resolve_by_device(monkeypatch) -> None:
-    assert vt.resolve_kernels("auto", on_gpu=True) == (
+    assert vgg_hp.resolve_kernels("auto", on_gpu=True) == (
         "fused" if channels_last.FUSED_BY_DEFAULT_ON_GPU else "chainer")
     monkeypatch.setattr(channels_last, "FUSED_BY_DEFAULT_ON_GPU", True)
-    assert vt.resolve_kernels("auto", on_gpu=True) == "fused"
+    assert vgg_hp.resolve_kernels("auto", on_gpu=True) == "fused"
     monkeypatch.setattr(channels_last, "FUSED_BY_DEFAULT_ON_GPU", False)
-    assert vt.resolve_kernels("auto", on_gpu=True) == "chainer"
-    assert vt.resolve_kernels("fused", on_gpu=True) == "fused"
-    assert vt.resolve_kernels("auto", on_gpu=False) == "fused"
-    assert vt.resolve_kernels("chainer", on_gpu=True) == "chainer"
-    assert vt.resolve_kernels("chainer", on_gpu=False) == "chainer"
-    assert vt.resolve_kernels("fused", on_gpu=False) == "fused"
+    assert vgg_hp.resolve_kernels("auto", on_gpu=True) == "chainer"
+    assert vgg_hp.resolve_kernels("fused", on_gpu=True) == "fused"
+    assert vgg_hp.resolve_kernels("auto", on_gpu=False) == "fused"
+    assert vgg_hp.resolve_kernels("chainer", on_gpu=True) == "chainer"
+    assert vgg_hp.resolve_kernels("chainer", on_gpu=False) == "chainer"
+    assert vgg_hp.resolve_kernels("fused", on_gpu=False) == "fused"
 
 
 def numpy_smoothed_loss(y: np.ndarray, t: np.ndarray, eps: float) -> tuple[float, np.ndarray]:
@@ -281,7 +288,7 @@ def test_label_smoothing_loss_matches_numpy(eps) -> None:
     rng = np.random.default_rng(8)
     y = chainer.Variable(rng.normal(0, 3, size=(32, 10)).astype(np.float32))
     t = rng.integers(0, 10, size=32).astype(np.int32)
-    loss = vt.SmoothedCrossEntropy(eps)(y, t)
+    loss = vgg_model.SmoothedCrossEntropy(eps)(y, t)
     loss.backward()
     expected, gradient = numpy_smoothed_loss(y.array, t, eps)
     assert loss.dtype == np.float32 and loss.shape == ()
@@ -294,7 +301,7 @@ def test_label_smoothing_loss_matches_numpy(eps) -> None:
 
 def test_label_smoothing_refuses_bad_eps() -> None:
     with pytest.raises(ValueError, match="label smoothing"):
-        vt.SmoothedCrossEntropy(1.0)
+        vgg_model.SmoothedCrossEntropy(1.0)
 
 
 def test_a_run_with_the_new_hyperparameters(tmp_path, cifar_npz_channels) -> None:
@@ -323,13 +330,13 @@ def test_the_trainer_sets_the_model_switches(tmp_path, cifar_npz_channels, monke
     from tests.vgg.test_train import SMALL, run
 
     built = []
-    original = vt.VGG
+    original = VGG
 
     def spy(*args, **kwargs):
         built.append(original(*args, **kwargs))
         return built[-1]
 
-    monkeypatch.setattr(vt, "VGG", spy)
+    monkeypatch.setattr(vgg_model, "VGG", spy)
     run(tmp_path / "job", cifar_npz_channels, iterations=1, dropout=0.5, kernels="chainer",
         **{**SMALL, "width": 0.0625, "train-samples": 64, "test-samples": 32, "batch-size": 32,
            "cache-dir": str(tmp_path / "cache")})

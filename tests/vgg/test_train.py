@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smchainer.default_plugins import vgg_training
+from smchainer.default_plugins.vgg import hyperparameters as vgg_hp
 from smchainer.errors import SmchainerError
 from smchainer.manager import Hooks
 from smchainer.plugins import get_plugin_manager
@@ -209,4 +209,4 @@ def test_hold_out_without_a_test_channel(tmp_path, cifar_npz_channels, caplog) -
 def test_training_hyperparameter_errors_reach_the_user(tmp_path, cifar_npz_channels) -> None:
     with pytest.raises(SmchainerError, match="unknown hyperparameter 'epoch'"):
         run(tmp_path / "job", cifar_npz_channels, epoch=3)
-    assert vgg_training.HYPERPARAMETERS["epochs"][1] == 50
+    assert vgg_hp.HYPERPARAMETERS["epochs"][1] == 50

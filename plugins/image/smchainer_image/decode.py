@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from smchainer.errors import BadRequest, SmchainerError
+from smchainer.model_contract import ModelContract
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,12 @@ class InputSpec:
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, Any], source: str = "metadata") -> InputSpec:
-        """The spec that ``smchainer-model.json`` describes.
+        """The spec that a ``smchainer-model.json`` object describes (see :meth:`from_contract`)."""
+        return cls.from_contract(ModelContract(metadata, source))
+
+    @classmethod
+    def from_contract(cls, contract: ModelContract) -> InputSpec:
+        """The spec that a model's contract (its ``smchainer-model.json``) describes.
 
         The shape is ``input_shape`` or ``input.shape`` (as smchainer's
         trainer writes it); the range ``input.range`` (default [0, 1]);
@@ -65,9 +71,9 @@ class InputSpec:
 
         :raises SmchainerError: for a range, mean or std that cannot be used.
         """
-        described = metadata.get("input")
-        described = described if isinstance(described, dict) else {}
-        shape = _image_shape(metadata.get("input_shape", described.get("shape")), source)
+        source = str(contract.path)
+        described = contract.input
+        shape = _image_shape(contract.declared_input_shape, source)
         channels = 3 if shape is None else shape[0]
         value_range = _numbers(described.get("range", (0.0, 1.0)), f"{source}: input.range")
         if len(value_range) != 2 or not value_range[0] < value_range[1]:

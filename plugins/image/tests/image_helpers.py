@@ -61,7 +61,7 @@ def pixels(body: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
 
 def save_vgg(model_dir: Path, seed: int = 6):
     """A small VGG saved exactly as the built-in trainer saves it; returns the model."""
-    from smchainer.default_plugins.vgg_training import save_model
+    from smchainer.default_plugins.vgg.modelfile import save_model
     from smchainer.models import VGG
 
     np.random.seed(seed)

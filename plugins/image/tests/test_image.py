@@ -10,7 +10,6 @@ import pytest
 from image_helpers import encode, forged_png, png
 from PIL import Image
 from smchainer_image import InputSpec, decode_image
-from smchainer_image.plugin import forget_served_model
 
 from smchainer.errors import BadRequest, SmchainerError
 from smchainer.manager import Hooks
@@ -19,7 +18,6 @@ from smchainer.plugins import get_plugin_manager
 
 @pytest.fixture
 def hooks() -> Hooks:
-    forget_served_model()
     return Hooks(get_plugin_manager(only=["image"]))
 
 

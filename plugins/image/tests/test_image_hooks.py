@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from image_helpers import encode, make_zip, softmax
 from PIL import Image
-from smchainer_image.plugin import forget_served_model
 
 from smchainer import hookimpl
-from smchainer.default_plugins.vgg import Classification
+from smchainer.classification import Classification
 from smchainer.errors import SmchainerError
 from smchainer.manager import Hooks
 from smchainer.plugins import get_plugin_manager
@@ -53,13 +52,6 @@ class Serving:
     def predict_fn(self, input_data, model):
         self.inputs.append(input_data)
         return model(np.asarray(input_data))
-
-
-@pytest.fixture(autouse=True)
-def fresh_record():
-    forget_served_model()
-    yield
-    forget_served_model()
 
 
 def model_dir(tmp_path, **metadata):
@@ -131,7 +123,6 @@ def test_top_k_comes_from_the_environment_and_stops_at_the_classes(tmp_path,
     hooks, model, _ = serve(tmp_path, Model(LOGITS, class_names=NAMES))
     body, _ = hooks.transform(model, rgb_png(), "image/png", "application/json")
     assert [c["class"] for c in json.loads(body)["predictions"][0]["top_k"]] == ["bee", "dog"]
-    forget_served_model()
     monkeypatch.setenv("SMCHAINER_TOP_K", "50")
     hooks, model, _ = serve(tmp_path / "again", Model(LOGITS, class_names=NAMES))
     body, _ = hooks.transform(model, rgb_png(), "image/png", "application/json")

@@ -19,10 +19,8 @@ Environment:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,14 +28,13 @@ import numpy as np
 from smchainer import hookimpl
 from smchainer.device import worker_gpu
 from smchainer.errors import SmchainerError
+from smchainer.model_contract import METADATA_FILE, parse_shape, read_contract
 from smchainer_onnx.runtime import convert, intra_op_threads
 
 logger = logging.getLogger(__name__)
 
 ENABLE_ENV = "SMCHAINER_ONNX"
 INPUT_SHAPE_ENV = "SMCHAINER_ONNX_INPUT_SHAPE"
-#: The model metadata smchainer's trainer writes beside ``model.npz``.
-METADATA_FILE = "smchainer-model.json"
 
 
 def enabled(environ: Any = None) -> bool:
@@ -46,43 +43,27 @@ def enabled(environ: Any = None) -> bool:
     return environ.get(ENABLE_ENV, "1").strip().lower() not in {"0", "false", "no", "off"}
 
 
-def _shape(value: Any) -> tuple[int, ...] | None:
-    if isinstance(value, str):
-        value = [part for part in value.replace("x", ",").split(",") if part.strip()]
-    try:
-        shape = tuple(int(d) for d in value)
-    except (TypeError, ValueError):
-        return None
-    return shape if shape and all(d > 0 for d in shape) else None
-
-
 def input_shape(model_dir: str | os.PathLike[str]) -> tuple[int, ...] | None:
     """One input's shape, without the batch axis, or None when unknown.
 
-    From ``input_shape`` (or ``input.shape``) in the model directory's
-    ``smchainer-model.json``, else from ``SMCHAINER_ONNX_INPUT_SHAPE``.
+    From the model's contract (``input_shape`` or ``input.shape`` in its
+    ``smchainer-model.json``), else from ``SMCHAINER_ONNX_INPUT_SHAPE``. A
+    contract that cannot be read or a malformed shape in it is a warning,
+    not an error: the model is then served by Chainer, slower, never wrong.
 
     :raises SmchainerError: when ``SMCHAINER_ONNX_INPUT_SHAPE`` is malformed.
     """
-    metadata = Path(model_dir) / METADATA_FILE
-    if metadata.is_file():
-        try:
-            described = json.loads(metadata.read_text())
-            # ``input_shape``, or ``input.shape`` as smchainer's VGG trainer writes it.
-            declared = described.get("input_shape", (described.get("input") or {}).get("shape"))
-        except (OSError, ValueError, AttributeError) as error:
-            logger.warning("cannot read %s: %s", metadata, error)
-        else:
-            if declared is not None:
-                shape = _shape(declared)
-                if shape is not None:
-                    return shape
-                logger.warning("%s: input_shape %r is not a list of positive integers",
-                               metadata, declared)
+    try:
+        shape = read_contract(model_dir).input_shape
+    except SmchainerError as error:
+        logger.warning("%s", error)
+        shape = None
+    if shape is not None:
+        return shape
     raw = os.environ.get(INPUT_SHAPE_ENV, "").strip()
     if not raw:
         return None
-    shape = _shape(raw)
+    shape = parse_shape(raw)
     if shape is None:
         raise SmchainerError(
             f"{INPUT_SHAPE_ENV} must be positive integers separated by commas, like "

@@ -104,11 +104,12 @@ class OnnxModel:
     """A Chainer model answered by ONNX Runtime, standing in for the link.
 
     Calling it behaves like calling the Chainer link in evaluation mode (it
-    returns a :class:`chainer.Variable`); any other attribute is the link's,
-    and ``isinstance`` sees the link's class (as through a
-    :func:`weakref.proxy`). So every ``predict_fn`` written for the Chainer
-    model, the built-in ones and a user's, runs it unchanged, and gets ONNX
-    Runtime's speed. ``type()`` still tells the truth.
+    returns a :class:`chainer.Variable`) and any other attribute is the
+    link's, so a ``predict_fn`` written for the Chainer model runs it
+    unchanged and gets ONNX Runtime's speed. It does not pretend to be of
+    the link's class: a hook that must know what it serves reads the model's
+    contract (``context.contract``, as the built-in VGG's ``predict_fn``
+    does) or :attr:`chainer_model`.
 
     :ivar session: the ONNX Runtime session.
     :ivar chainer_model: the link it was converted from.
@@ -127,10 +128,6 @@ class OnnxModel:
         self.source = source
         self._input_name = session.get_inputs()[0].name
         self._output_name = session.get_outputs()[0].name
-
-    @property  # type: ignore[misc]
-    def __class__(self) -> type:
-        return type(self.__dict__.get("chainer_model", self))
 
     def __getattr__(self, name: str) -> Any:
         chainer_model = self.__dict__.get("chainer_model")

@@ -79,7 +79,7 @@ def test_vgg16_answers_cifar10_images_as_chainer_does(cifar10, tmp_path) -> None
 
 def test_the_built_in_vgg_hooks_run_the_converted_model(cifar10, tmp_path, monkeypatch) -> None:
     from smchainer.default_plugins import vgg
-    from smchainer.default_plugins.vgg_training import save_model
+    from smchainer.default_plugins.vgg.modelfile import save_model
 
     model = small_vgg(seed=4)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
@@ -89,12 +89,13 @@ def test_the_built_in_vgg_hooks_run_the_converted_model(cifar10, tmp_path, monke
     script.write_text("from smchainer.default_plugins.vgg import load_model as model_fn\n")
     hooks = hooks_with(script)
     served = hooks.model_fn(str(tmp_path / "model"))
-    assert type(served) is OnnxModel and isinstance(served, VGG)
+    assert type(served) is OnnxModel and isinstance(served.chainer_model, VGG)
     images = cifar10_images(cifar10, 10)
     expected = chainer_logits(model, images)
-    # The built-in VGG predict_fn takes the stand-in for its VGG: class names
-    # come back, the scores from ONNX Runtime.
-    body, _ = vgg.output_fn(vgg.predict_fn(images, served), "application/json")
+    # The built-in VGG predict_fn takes the stand-in for its VGG (the model's
+    # contract says what it is): class names come back, the scores from ONNX Runtime.
+    context = hooks.request_context(served)
+    body, _ = vgg.output_fn(vgg.predict_fn(images, served, context), "application/json")
     answer = json.loads(body)["predictions"]
     assert [p["class"] for p in answer] == [names[i] for i in expected.argmax(axis=1)]
     np.testing.assert_allclose([p["scores"] for p in answer], expected, rtol=1e-4, atol=1e-4)

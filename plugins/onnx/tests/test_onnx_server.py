@@ -54,7 +54,7 @@ def wait_ready(process: subprocess.Popen, port: int, log: Path, timeout: float =
 
 @pytest.mark.slow
 def test_a_jpeg_through_image_and_onnx_plugins_gets_chainers_answer(cifar10, tmp_path) -> None:
-    from smchainer.default_plugins.vgg_training import save_model
+    from smchainer.default_plugins.vgg.modelfile import save_model
 
     np.random.seed(6)
     model = randomize_batch_norm(VGG(width=0.25, depth=11), seed=6)

@@ -6,114 +6,66 @@
 a model directory and returns None for any other, so that a user's
 ``model_fn`` or the default's clear error takes over. ``predict_fn`` and
 ``output_fn`` answer only for these models: predictions are
-:class:`Classification` objects, encoded as class scores (npy, CSV) or as
-labels, class names and scores (JSON).
+:class:`~smchainer.classification.Classification` objects, encoded as class
+scores (npy, CSV) or as labels, class names and scores (JSON).
 
-The training loop and its hyperparameters live in
-:mod:`smchainer.default_plugins.vgg_training`, imported only when ``train``
-runs, so that loading the default plugins does not import Chainer.
+The package, one idea a module: :mod:`.hyperparameters`, :mod:`.data`,
+:mod:`.model` (network and loss), :mod:`.updater`, :mod:`.extensions`
+(schedule, evaluation, snapshots), :mod:`.modelfile` (the saved format,
+both ways) and :mod:`.trainer` (the job, as a recipe). This module imports
+none of them until a hook needs it, so that loading the default plugins
+does not import Chainer.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from smchainer import content
-from smchainer.errors import BadRequest, NotAcceptable, SmchainerError
+from smchainer.classification import Classification
+from smchainer.errors import BadRequest, NotAcceptable
+from smchainer.functions.augment import SCALE
 from smchainer.hookspecs import hookimpl
+from smchainer.model_contract import METADATA_FILE
 
 if TYPE_CHECKING:
+    from smchainer.context import ServingContext
     from smchainer.training.env import TrainingEnv
 
 logger = logging.getLogger(__name__)
 
-#: Written beside ``model.npz`` by the trainer; its presence marks a model of ours.
-METADATA_FILE = "smchainer-model.json"
-MODEL_FILE = "model.npz"
-ARCHITECTURE = "smchainer.models.VGG"
+__all__ = ["Classification", "as_image_batch", "load_model", "model_fn", "output_fn",
+           "predict_fn", "train"]
 
 
 @hookimpl(trylast=True)
 def train(env: TrainingEnv) -> dict[str, Any]:
     """Train the CIFAR VGG on ``env``'s channels (see the module docstring)."""
-    from smchainer.default_plugins import vgg_training
+    from smchainer.default_plugins.vgg.hyperparameters import parse_hyperparameters
+    from smchainer.default_plugins.vgg.trainer import run_training
 
-    hp = vgg_training.parse_hyperparameters(env.hyperparameters)
-    if env.rank == 0:
+    hp = parse_hyperparameters(env.hyperparameters)
+    if env.is_rank_zero:
         logger.info("built-in VGG trainer, hyperparameters %s", json.dumps(hp, sort_keys=True))
-    return vgg_training.run_training(env, hp)
+    return run_training(env, hp)
 
 
 # --- serving -------------------------------------------------------------------------
 
 
-@dataclass
-class Classification:
-    """What ``predict_fn`` returns for a VGG model: scores (logits) and class names."""
+def load_model(model_dir: str) -> Any:
+    """The VGG saved in ``model_dir``, on the CPU (:func:`.modelfile.load_model`).
 
-    scores: np.ndarray
-    class_names: list[str]
+    Usable as a user's ``model_fn``: ``from smchainer.default_plugins.vgg
+    import load_model as model_fn``.
+    """
+    from smchainer.default_plugins.vgg.modelfile import load_model as load
 
-    @property
-    def labels(self) -> np.ndarray:
-        return self.scores.argmax(axis=1)
-
-    def as_json(self) -> dict[str, Any]:
-        """``{"predictions": [{"label", "class", "probability", "scores"}, ...]}``."""
-        shifted = self.scores - self.scores.max(axis=1, keepdims=True)
-        probabilities = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
-        predictions = []
-        for row, label in enumerate(self.labels.tolist()):
-            predictions.append({
-                "label": label,
-                "class": self.class_names[label] if label < len(self.class_names) else str(label),
-                "probability": float(probabilities[row, label]),
-                "scores": [float(v) for v in self.scores[row]],
-            })
-        return {"predictions": predictions}
-
-
-def load_model(model_dir: str | os.PathLike):
-    """The VGG saved by :func:`save_model` in ``model_dir``, on the CPU."""
-    from chainer import serializers
-
-    from smchainer.models.vgg import VGG
-
-    folder = Path(model_dir)
-    try:
-        metadata = json.loads((folder / METADATA_FILE).read_text())
-    except (OSError, ValueError) as error:
-        raise SmchainerError(f"cannot read {folder / METADATA_FILE}: {error}") from None
-    if metadata.get("architecture") != ARCHITECTURE:
-        raise SmchainerError(
-            f"{folder / METADATA_FILE} describes {metadata.get('architecture')!r}, "
-            f"not {ARCHITECTURE}"
-        )
-    weights = folder / metadata.get("weights", MODEL_FILE)
-    if not weights.exists():
-        raise SmchainerError(f"{folder} has {METADATA_FILE} but no {weights.name}")
-    normalization = metadata.get("normalization", {})
-    model = VGG(
-        n_classes=metadata["n_classes"], width=metadata["width"], depth=metadata["depth"],
-        mean=normalization.get("mean"), std=normalization.get("std"),
-    )
-    try:
-        serializers.load_npz(str(weights), model)
-    except (KeyError, ValueError, OSError) as error:
-        raise SmchainerError(f"{weights} does not fit the network its metadata describes: "
-                             f"{error}") from None
-    model.class_names = list(metadata.get("class_names") or [])
-    logger.info(
-        "loaded VGG-%d (width %g, %d classes) from %s",
-        model.depth, model.width, model.n_classes, folder,
-    )
-    return model
+    return load(model_dir)
 
 
 @hookimpl(trylast=True)
@@ -141,7 +93,7 @@ def as_image_batch(data: Any) -> np.ndarray:
     if array.ndim != 4 or array.shape[1:] != INPUT_SHAPE or len(array) == 0:
         raise BadRequest(f"expected {expected}, got shape {list(array.shape)}")
     if array.dtype == np.uint8:
-        return array.astype(np.float32) * np.float32(1 / 255)
+        return array.astype(np.float32) * SCALE
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise BadRequest(f"expected {expected}, got dtype {array.dtype}")
     array = array.astype(np.float32, copy=False)
@@ -156,20 +108,39 @@ def as_image_batch(data: Any) -> np.ndarray:
     return array
 
 
+def serves_vgg(model: Any, context: ServingContext | None) -> bool:
+    """Whether ``model`` is this trainer's VGG, or stands for one.
+
+    A VGG object is one; so is any model loaded from a directory whose
+    contract names this architecture (the ONNX plugin's session, say),
+    since what answers for it is then the network the contract describes.
+    """
+    from smchainer.default_plugins.vgg.modelfile import ARCHITECTURE
+    from smchainer.models.vgg import VGG
+
+    if isinstance(model, VGG):
+        return True
+    if context is None or context.model_dir is None:
+        return False
+    contract = context.contract
+    return contract.present and contract.architecture == ARCHITECTURE
+
+
 @hookimpl(trylast=True)
-def predict_fn(input_data: Any, model: Any) -> Any:
+def predict_fn(input_data: Any, model: Any, context: ServingContext) -> Any:
     """Class scores of a VGG model as a :class:`Classification`; None for other models."""
     import chainer
 
-    from smchainer.models.vgg import VGG
-
-    if not isinstance(model, VGG):
+    if not serves_vgg(model, context):
         return None
     x = as_image_batch(input_data)
     x = model.device.send(x)
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         scores = content.to_numpy(model(x))
-    return Classification(scores.astype(np.float32), list(getattr(model, "class_names", [])))
+    names = getattr(model, "class_names", None)
+    if names is None and context is not None and context.model_dir is not None:
+        names = context.contract.class_names
+    return Classification(scores.astype(np.float32), list(names or []))
 
 
 @hookimpl(trylast=True)

@@ -1,0 +1,177 @@
+"""The trainer's extensions: learning-rate schedule, evaluation and snapshots.
+
+Each keeps no state that a snapshot would have to save beyond what Chainer's
+trainer saves, so resuming needs nothing else.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import chainer
+from chainer import serializers
+from chainer.training import extensions
+
+if TYPE_CHECKING:
+    from smchainer.default_plugins.vgg.hyperparameters import Hyperparameters
+
+logger = logging.getLogger(__name__)
+
+#: Share of training spent warming up under the one-cycle schedule.
+ONECYCLE_WARMUP = 0.3
+SNAPSHOT_PATTERN = re.compile(r"^snapshot_iter_(\d+)\.rank(\d+)of(\d+)\.npz$")
+
+
+def learning_rate(hp: Hyperparameters, epoch_detail: float, total_epochs: float) -> float:
+    """The learning rate at ``epoch_detail`` (fractional epochs done)."""
+    base = hp["learning-rate"]
+    schedule = hp["lr-schedule"]
+    if schedule == "step":
+        return base * hp["lr-step-factor"] ** math.floor(epoch_detail / hp["lr-step-epochs"])
+    progress = min(max(epoch_detail / total_epochs, 0.0), 1.0) if total_epochs > 0 else 1.0
+    if schedule == "cosine":
+        return 0.5 * base * (1 + math.cos(math.pi * progress))
+    # onecycle: linear warm-up from base/25 to base, then cosine down to base/1e4.
+    start, end = base / 25, base / 1e4
+    if progress < ONECYCLE_WARMUP:
+        return start + (base - start) * progress / ONECYCLE_WARMUP
+    down = (progress - ONECYCLE_WARMUP) / (1 - ONECYCLE_WARMUP)
+    return end + 0.5 * (base - end) * (1 + math.cos(math.pi * down))
+
+
+class LearningRateSchedule:
+    """Sets the optimizer's lr from the epoch position alone (so resuming needs no state)."""
+
+    trigger = (1, "iteration")
+    priority = 300  # before the reporting extensions of the same iteration
+    name = "LearningRateSchedule"
+
+    def __init__(self, hp: Hyperparameters, total_epochs: float) -> None:
+        self.hp = hp
+        self.total_epochs = total_epochs
+
+    def initialize(self, trainer) -> None:
+        self(trainer)
+
+    def __call__(self, trainer) -> None:
+        optimizer = trainer.updater.get_optimizer("main")
+        optimizer.lr = learning_rate(self.hp, trainer.updater.epoch_detail, self.total_epochs)
+
+
+class RecordingEvaluator(extensions.Evaluator):
+    """An Evaluator that weights batches by size and remembers its last result.
+
+    Chainer's Evaluator averages per-batch means, so a short last batch
+    counts as much as a full one; here the result is the mean over images.
+    """
+
+    last: tuple[int, dict] | None = None
+
+    def evaluate(self) -> dict:
+        iterator = self._iterators["main"]
+        target = self.eval_func or self._targets["main"]
+        iterator.reset()
+        summary = chainer.reporter.DictSummary()
+        for batch in iterator:
+            observation: dict = {}
+            with chainer.reporter.report_scope(observation):
+                x, t = self.converter(batch, self.device)
+                with chainer.no_backprop_mode():
+                    target(x, t)
+            summary.add({key: (value, len(batch)) for key, value in observation.items()})
+        return summary.compute_mean()
+
+    def __call__(self, trainer=None):
+        result = super().__call__(trainer)
+        if trainer is not None:
+            self.last = (trainer.updater.iteration, result)
+        return result
+
+    def result_at(self, iteration: int) -> dict:
+        """The evaluation of ``iteration``: the last one when it was there, else a new one.
+
+        (Nothing was trained when the job had already finished, or training
+        did not end on an epoch.)
+        """
+        if self.last is not None and self.last[0] == iteration:
+            return self.last[1]
+        with chainer.Reporter().scope({}):
+            return self()
+
+
+class Checkpointer:
+    """Writes and restores per-rank trainer snapshots in the checkpoint folder.
+
+    Files are ``snapshot_iter_<N>.rank<r>of<size>.npz``, written to a
+    temporary name and renamed, so a crash leaves no half snapshot; the
+    newest ``keep`` of each rank are kept.
+    """
+
+    priority = -100  # after LogReport has written the log of this iteration
+    name = "Checkpointer"
+
+    def __init__(self, folder: Path, rank: int, size: int, keep: int) -> None:
+        self.folder = folder
+        self.rank = rank
+        self.size = size
+        self.keep = keep
+
+    def _iterations(self) -> list[int]:
+        if not self.folder.is_dir():
+            return []
+        found = []
+        for path in self.folder.iterdir():
+            match = SNAPSHOT_PATTERN.match(path.name)
+            if match and (int(match[2]), int(match[3])) == (self.rank, self.size):
+                found.append(int(match[1]))
+        return sorted(found)
+
+    def path(self, iteration: int) -> Path:
+        return self.folder / f"snapshot_iter_{iteration}.rank{self.rank}of{self.size}.npz"
+
+    def __call__(self, trainer) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        iteration = trainer.updater.iteration
+        target = self.path(iteration)
+        temporary = target.with_name(target.name + ".tmp")
+        serializers.save_npz(str(temporary), trainer)
+        os.replace(temporary, target)
+        for old in self._iterations()[:-self.keep]:
+            self.path(old).unlink(missing_ok=True)
+
+    def resume(self, trainer, comm=None) -> int:
+        """Load the newest snapshot every rank has; return its iteration (0: none)."""
+        mine = set(self._iterations())
+        if comm is not None:
+            common = set.intersection(*comm.mpi_comm.allgather(mine))
+        else:
+            common = mine
+        if not common:
+            return 0
+        iteration = max(common)
+        serializers.load_npz(str(self.path(iteration)), trainer)
+        if self.rank == 0:
+            logger.info("resumed from the snapshot at iteration %d in %s", iteration, self.folder)
+        return iteration
+
+
+def report_progress(trainer, progress_bar: bool) -> None:
+    """Rank 0's reports: the learning rate, the log, the plots, the table, the bar."""
+    trainer.extend(extensions.observe_lr(), trigger=(1, "epoch"))
+    trainer.extend(extensions.LogReport(trigger=(1, "epoch")))
+    trainer.extend(extensions.PlotReport(
+        ["main/loss", "validation/main/loss"], "epoch", filename="loss.png"
+    ))
+    trainer.extend(extensions.PlotReport(
+        ["main/accuracy", "validation/main/accuracy"], "epoch", filename="accuracy.png"
+    ))
+    trainer.extend(extensions.PrintReport([
+        "epoch", "iteration", "main/loss", "validation/main/loss", "main/accuracy",
+        "validation/main/accuracy", "lr", "elapsed_time",
+    ]))
+    if progress_bar:
+        trainer.extend(extensions.ProgressBar(update_interval=10))
