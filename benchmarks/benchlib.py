@@ -21,6 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from smchainer.device import cpu_count
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 #: Distributions whose versions every record lists (None: not installed).
@@ -53,10 +55,7 @@ def cpu_model() -> str:
 
 def cpus_available() -> int:
     """CPUs this process may run on (its affinity), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:
-        return os.cpu_count() or 1
+    return cpu_count()
 
 
 def versions() -> dict[str, str | None]:

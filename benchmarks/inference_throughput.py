@@ -49,9 +49,10 @@ import chainer
 # isort: on
 import benchlib
 import chainer.links as L
-from smchainer_onnx.runtime import convert, cpu_count
+from smchainer_onnx.runtime import convert
 
 from smchainer.cli import ArgumentParser, add_common_arguments, run
+from smchainer.device import cpu_count
 from smchainer.errors import SmchainerError
 from smchainer.models import VGG
 from smchainer.models.vgg import INPUT_SHAPE, STAGES

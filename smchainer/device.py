@@ -26,6 +26,14 @@ class DeviceError(SmchainerError):
     """A GPU was asked for and cannot be used."""
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on: its affinity mask, not the machine's count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def parse_device(spec: str | int | None) -> int:
     """``"cpu"``, ``-1``, ``None`` -> -1; ``"gpu"``, ``"gpu:1"``, ``"@cupy:1"``, ``1`` -> GPU id."""
     if spec is None:

@@ -24,6 +24,7 @@ from smchainer.cli import (
     run_command,
     setup_logging,
 )
+from smchainer.device import cpu_count
 from smchainer.errors import SmchainerError, UsageError
 from smchainer.serving import settings as config
 from smchainer.serving.settings import ServerSettings
@@ -134,7 +135,7 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
     from smchainer.serving.model_source import find_user_module, prepare_model_dir
 
     workers = (config.positive_int(args.workers, "--workers") if args.workers is not None
-               else config.from_env(config.WORKERS_ENV, config.cpu_count()))
+               else config.from_env(config.WORKERS_ENV, cpu_count()))
     timeout = (config.positive_int(args.timeout, "--timeout") if args.timeout is not None
                else config.from_env(config.TIMEOUT_ENV, config.DEFAULT_TIMEOUT))
     max_payload = (config.positive_int(args.max_payload_mb, "--max-payload-mb")

@@ -6,10 +6,10 @@ WSGI app reads. :data:`ENVIRONMENT` documents every variable the server reads;
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from smchainer import environ
 from smchainer.errors import UsageError
 
 WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
@@ -83,29 +83,14 @@ class ServerSettings:
         return self.log_level <= 10
 
 
-def cpu_count() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
 def positive_int(value: str | int, what: str) -> int:
     """``value`` as an integer >= 1, or a :class:`UsageError` naming ``what``."""
-    try:
-        number = int(str(value).strip())
-    except ValueError:
-        raise UsageError(f"{what} must be a whole number, not {value!r}") from None
-    if number < 1:
-        raise UsageError(f"{what} must be at least 1, not {number}")
-    return number
+    return environ.positive_int(value, what, UsageError)
 
 
 def from_env(name: str, default: int) -> int:
-    """A positive integer setting from the environment variable ``name``."""
-    value = os.environ.get(name, "").strip()
-    return positive_int(value, name) if value else default
+    """A positive integer setting from the environment variable ``name`` (a usage error)."""
+    return environ.env_positive_int(name, default, error=UsageError)
 
 
 def parse_bind(bind: str | None, port: int | None) -> tuple[str, int]:

@@ -38,7 +38,7 @@ from types import TracebackType
 from typing import Any
 
 from smchainer import storage
-from smchainer.device import check_rank_device, gpu_count, rank_device
+from smchainer.device import check_rank_device, cpu_count, gpu_count, rank_device
 from smchainer.errors import SmchainerError
 from smchainer.training import sm_env
 from smchainer.training.config import JobSpec, new_job_name, resolve_job
@@ -81,13 +81,6 @@ def network_interface_name() -> str:
     except OSError:
         pass
     return "eth0"
-
-
-def cpu_count() -> int:
-    """The CPUs this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 def build_env(spec: JobSpec, world: World, log_level: int) -> TrainingEnv:

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -53,7 +52,7 @@ import numpy as np
 
 from smchainer import classification, content, hookimpl
 from smchainer.context import ServingContext
-from smchainer.errors import SmchainerError
+from smchainer.environ import env_positive_int
 from smchainer_image.archive import decode_zip
 from smchainer_image.decode import InputSpec, decode_image
 
@@ -82,24 +81,10 @@ class ImageSettings:
 
         :raises SmchainerError: when either is set to anything but a positive integer.
         """
-        environ = os.environ if environ is None else environ
         return cls(
-            top_k=_positive_int(environ, TOP_K_ENV, DEFAULT_TOP_K),
-            max_batch=_positive_int(environ, MAX_BATCH_ENV, DEFAULT_MAX_BATCH),
+            top_k=env_positive_int(TOP_K_ENV, DEFAULT_TOP_K, environ),
+            max_batch=env_positive_int(MAX_BATCH_ENV, DEFAULT_MAX_BATCH, environ),
         )
-
-
-def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise SmchainerError(f"{name} must be a positive integer, not {raw!r}")
-    return value
 
 
 @dataclass(frozen=True)

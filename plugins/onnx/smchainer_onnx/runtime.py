@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from smchainer.device import cpu_count
+from smchainer.environ import env_positive_int
 from smchainer.errors import BadRequest, SmchainerError
 
 logger = logging.getLogger(__name__)
@@ -48,26 +50,6 @@ class OutputMismatch(SmchainerError):
     """ONNX Runtime's output differs from Chainer's on the same batch."""
 
 
-def cpu_count() -> int:
-    """The CPUs this process may run on (its affinity mask, not the machine's)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def _positive_int(environ: Mapping[str, str], name: str) -> int | None:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise SmchainerError(f"{name} must be a positive integer, not {raw!r}")
-    return value
-
-
 def intra_op_threads(environ: Mapping[str, str] | None = None) -> int:
     """ONNX Runtime intra-op threads for one server worker.
 
@@ -77,12 +59,11 @@ def intra_op_threads(environ: Mapping[str, str] | None = None) -> int:
 
     :raises SmchainerError: when either variable is not a positive integer.
     """
-    environ = os.environ if environ is None else environ
-    explicit = _positive_int(environ, THREADS_ENV)
+    explicit = env_positive_int(THREADS_ENV, None, environ)
     if explicit is not None:
         return explicit
     cpus = cpu_count()
-    workers = _positive_int(environ, WORKERS_ENV) or cpus
+    workers = env_positive_int(WORKERS_ENV, cpus, environ)
     return max(1, cpus // workers)
 
 
