@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,6 +24,33 @@ CSV = "text/csv"
 #: Types the default codecs read and write, the preferred first.
 NUMPY_TYPES = (JSON, NPY, CSV)
 DEFAULT_CONTENT_TYPE = JSON
+
+
+@dataclass(frozen=True)
+class MediaTypes:
+    """The media types a plugin decodes (request bodies) and encodes (responses).
+
+    What the ``media_types`` hook returns; the server gathers every
+    plugin's to expand ``type/*`` ranges and to name what is supported in
+    its 415 and 406 messages.
+    """
+
+    decodes: tuple[str, ...] = ()
+    encodes: tuple[str, ...] = ()
+
+    @classmethod
+    def merged(cls, parts: Iterable[MediaTypes]) -> MediaTypes:
+        """All of ``parts``' types, each once, in the order given."""
+        decodes: dict[str, None] = {}
+        encodes: dict[str, None] = {}
+        for part in parts:
+            decodes.update(dict.fromkeys(part.decodes))
+            encodes.update(dict.fromkeys(part.encodes))
+        return cls(tuple(decodes), tuple(encodes))
+
+
+#: What the built-in NumPy codecs read and write.
+NUMPY_MEDIA_TYPES = MediaTypes(NUMPY_TYPES, NUMPY_TYPES)
 
 
 def media_type(header: str | None, default: str = DEFAULT_CONTENT_TYPE) -> str:
@@ -71,12 +100,13 @@ def parse_accept(header: str | None, default: str) -> list[str]:
     return result
 
 
-def acceptable_types(header: str | None, default: str) -> list[str]:
+def acceptable_types(header: str | None, default: str,
+                     supported: Sequence[str] = NUMPY_TYPES) -> list[str]:
     """What a client accepts, best first, for the output hooks to try in turn.
 
-    :func:`parse_accept`'s ranges, each ``type/*`` preceded by the NumPy
-    types it covers (the built-in encoders' answer to it), ``*/*`` standing
-    for ``default``.
+    :func:`parse_accept`'s ranges, each ``type/*`` preceded by the
+    ``supported`` types it covers (the registered encoders' answers to it),
+    ``*/*`` standing for ``default``.
 
     :raises NotAcceptable: when the header accepts nothing.
     """
@@ -84,11 +114,11 @@ def acceptable_types(header: str | None, default: str) -> list[str]:
     try:
         ranges = parse_accept(header, default)
     except NotAcceptable as error:
-        raise NotAcceptable(f"{error}; supported: {', '.join(NUMPY_TYPES)}") from None
+        raise NotAcceptable(f"{error}; supported: {', '.join(supported)}") from None
     for media_range in ranges:
         if media_range.endswith("/*"):
             prefix = media_range[:-1]
-            candidates += [t for t in NUMPY_TYPES if t.startswith(prefix)]
+            candidates += [t for t in supported if t.startswith(prefix)]
         candidates.append(media_range)
     return list(dict.fromkeys(candidates))
 
@@ -153,12 +183,17 @@ def decode_csv(body: bytes) -> np.ndarray:
 _DECODERS = {NPY: decode_npy, JSON: decode_json, CSV: decode_csv}
 
 
-def decode(body: bytes, content_type: str) -> np.ndarray:
-    """Decode ``body`` of the bare media type ``content_type``."""
+def decode(body: bytes, content_type: str,
+           supported: Sequence[str] = NUMPY_TYPES) -> np.ndarray:
+    """Decode ``body`` of the bare media type ``content_type``.
+
+    :raises UnsupportedMediaType: for a type the NumPy codecs do not read,
+        naming ``supported`` (every type the server's plugins decode).
+    """
     decoder = _DECODERS.get(content_type)
     if decoder is None:
         raise UnsupportedMediaType(
-            f"unsupported Content-Type {content_type!r}; supported: {', '.join(NUMPY_TYPES)}"
+            f"unsupported Content-Type {content_type!r}; supported: {', '.join(supported)}"
         )
     if not body:
         raise BadRequest("request body is empty")

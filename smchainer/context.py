@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from smchainer.content import NUMPY_MEDIA_TYPES, MediaTypes
 from smchainer.model_contract import ModelContract, read_contract
 
 
@@ -32,13 +33,18 @@ class ServingContext:
         key per plugin (its name, by convention).
     :ivar request: state of this request only, handed from hook to hook
         (empty in ``model_fn``).
+    :ivar media_types: what the registered plugins decode and encode
+        (the ``media_types`` hook's answers, merged), for messages that name
+        what is supported.
     """
 
     def __init__(self, model_dir: str | None, model: Any = None,
                  contract: ModelContract | None = None,
-                 shared: dict[str, Any] | None = None) -> None:
+                 shared: dict[str, Any] | None = None,
+                 media_types: MediaTypes = NUMPY_MEDIA_TYPES) -> None:
         self.model_dir = model_dir
         self.model = model
+        self.media_types = media_types
         self._contract = contract
         self.shared: dict[str, Any] = {} if shared is None else shared
         self.request: dict[str, Any] = {}
@@ -62,7 +68,8 @@ class ServingContext:
 
     def for_request(self) -> ServingContext:
         """A context for one request: this model's, with a fresh :attr:`request`."""
-        context = ServingContext(self.model_dir, self.model, shared=self.shared)
+        context = ServingContext(self.model_dir, self.model, shared=self.shared,
+                                 media_types=self.media_types)
         context._parent = self._parent or self
         return context
 

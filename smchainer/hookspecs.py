@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from smchainer.content import MediaTypes
     from smchainer.context import ServingContext
     from smchainer.training.env import TrainingEnv
 
@@ -36,8 +37,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 #: The serving hooks, in the order a request meets them.
 SERVING_HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
-#: Every hook name, serving and training.
+#: Every hook name a user module may define, serving and training.
 HOOK_NAMES = SERVING_HOOKS + ("train",)
+#: And the hooks only installed plugins implement.
+PLUGIN_HOOKS = HOOK_NAMES + ("media_types",)
 
 
 @hookspec(firstresult=True)
@@ -137,6 +140,22 @@ def transform_fn(
     :param accept: one concrete media type the client accepts.
     :param context: this request's context.
     :return: as for :func:`output_fn`.
+    """
+
+
+@hookspec
+def media_types() -> MediaTypes | None:
+    """Say which media types this plugin decodes and encodes.
+
+    Every implementation is called (not only the first), and the server
+    merges their answers: a client's ``type/*`` Accept range is tried as
+    each registered type it covers, and 415 / 406 errors list everything
+    the plugins can read or write. A plugin that adds types returns a
+    :class:`smchainer.content.MediaTypes`; the built-in NumPy codecs
+    declare ``application/json``, ``application/x-npy`` and ``text/csv``.
+    SageMaker-style user modules do not declare any.
+
+    :return: the plugin's types, or None.
     """
 
 

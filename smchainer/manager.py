@@ -39,6 +39,7 @@ class Hooks:
     def __init__(self, pm: PluginManager) -> None:
         self.pm = pm
         self._contexts: OrderedDict[int, ServingContext] = OrderedDict()
+        self._media_types: content.MediaTypes | None = None
 
     def _answer(self, name: str, **kwargs: Any) -> Any:
         result = getattr(self.pm.hook, name)(**kwargs)
@@ -52,14 +53,29 @@ class Hooks:
         """Whether any registered plugin implements the hook ``name``."""
         return bool(getattr(self.pm.hook, name).get_hookimpls())
 
+    def media_types(self) -> content.MediaTypes:
+        """What the registered plugins decode and encode (the ``media_types`` hook, merged).
+
+        In registration order (pluggy answers from the last registered), so
+        the built-in NumPy types keep their place first in ``type/*``.
+        """
+        if self._media_types is None:
+            answers = [t for t in self.pm.hook.media_types() if t is not None]
+            self._media_types = content.MediaTypes.merged(reversed(answers))
+        return self._media_types
+
     # -- contexts ------------------------------------------------------------
+
+    def new_context(self, model_dir: str | None, model: Any = None) -> ServingContext:
+        """A model's context, knowing what the registered plugins support."""
+        return ServingContext(model_dir, model, media_types=self.media_types())
 
     def context_of(self, model: Any) -> ServingContext:
         """The context :meth:`model_fn` made for ``model``, else a bare one (no directory)."""
         context = self._contexts.get(id(model))
         if context is not None and context.model is model:
             return context
-        return ServingContext(None, model)
+        return self.new_context(None, model)
 
     def request_context(self, model: Any) -> ServingContext:
         """A fresh context for one request to ``model``."""
@@ -68,7 +84,7 @@ class Hooks:
     # -- the hooks -----------------------------------------------------------
 
     def model_fn(self, model_dir: str) -> Any:
-        context = ServingContext(model_dir)
+        context = self.new_context(model_dir)
         model = self._answer("model_fn", model_dir=model_dir, context=context)
         context.model = model
         self._contexts[id(model)] = context
@@ -79,7 +95,7 @@ class Hooks:
 
     def input_fn(self, input_data: bytes, content_type: str,
                  context: ServingContext | None = None) -> Any:
-        context = context if context is not None else ServingContext(None)
+        context = context if context is not None else self.new_context(None)
         return self._answer("input_fn", input_data=input_data, content_type=content_type,
                             context=context)
 
@@ -90,7 +106,7 @@ class Hooks:
 
     def output_fn(self, prediction: Any, accept: str,
                   context: ServingContext | None = None) -> tuple[bytes, str]:
-        context = context if context is not None else ServingContext(None)
+        context = context if context is not None else self.new_context(None)
         answer = self._answer("output_fn", prediction=prediction, accept=accept, context=context)
         return normalize_body(answer, accept)
 
@@ -141,9 +157,10 @@ class Hooks:
                     return self.output_fn(prediction, media_type, context)
                 except NotAcceptable as error:
                     refused.append(str(error))
+        supported = ", ".join(self.media_types().encodes) or "none declared"
         raise NotAcceptable(
             f"no acceptable response type: Accept asks for {', '.join(accepts)}; "
-            + (refused[-1] if refused else f"supported: {', '.join(content.NUMPY_TYPES)}")
+            f"supported: {supported}" + (f" ({refused[-1]})" if refused else "")
         )
 
     def train(self, env: TrainingEnv) -> Any:

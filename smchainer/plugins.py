@@ -263,7 +263,7 @@ def get_plugin_manager(
 def describe_plugins(pm: PluginManager) -> list[dict[str, Any]]:
     """The registered plugins and the hooks each implements, for display as JSON."""
     hooks_of: dict[str, list[str]] = {}
-    for hook_name in hookspecs.HOOK_NAMES:
+    for hook_name in hookspecs.PLUGIN_HOOKS:
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             hooks_of.setdefault(impl.plugin_name, []).append(hook_name)
     described = []

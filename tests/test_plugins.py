@@ -281,3 +281,51 @@ def test_positional_adapters_have_the_spec_argument_names() -> None:
         sagemaker = [p for p in spec if p != "context"]
         adapter = positional_adapter(name, print)
         assert list(inspect.signature(adapter).parameters) == sagemaker, name
+
+
+class PlainText:
+    """A plugin that reads and writes text/plain and says so through media_types."""
+
+    @hookimpl
+    def media_types(self):
+        from smchainer.content import MediaTypes
+
+        return MediaTypes(decodes=("text/plain",), encodes=("text/plain",))
+
+    @hookimpl
+    def input_fn(self, input_data, content_type):
+        if content_type != "text/plain":
+            return None
+        return np.asarray([float(input_data.decode())], dtype=np.float32)
+
+    @hookimpl
+    def output_fn(self, prediction, accept):
+        if accept != "text/plain":
+            return None
+        return f"{float(np.asarray(prediction)[0]):g}", "text/plain"
+
+
+def test_supported_types_are_gathered_from_the_registered_plugins(plugin_manager) -> None:
+    from smchainer import content
+
+    with registered(plugin_manager, PlainText(), "text"):
+        hooks = Hooks(plugin_manager)
+        assert hooks.media_types().decodes == (*content.NUMPY_TYPES, "text/plain")
+        assert hooks.media_types().encodes == (*content.NUMPY_TYPES, "text/plain")
+        # A 415 names the plugin's type beside the NumPy ones.
+        with pytest.raises(UnsupportedMediaType, match=r"supported: .*text/csv, text/plain"):
+            hooks.transform(Doubler(), b"x", "application/xml", "application/json")
+        # text/* covers every registered text type, NumPy's first.
+        accepts = content.acceptable_types("text/*", content.JSON, hooks.media_types().encodes)
+        assert accepts == ["text/csv", "text/plain", "text/*"]
+        # A 406 names what the plugins encode.
+        from smchainer.errors import NotAcceptable
+
+        with pytest.raises(NotAcceptable, match="supported: .*text/plain"):
+            hooks.transform(Doubler(), b"[1]", "application/json", "image/png")
+        assert hooks.transform(Doubler(), b"21", "text/plain", "text/plain") == (
+            b"42", "text/plain")
+    # Without the plugin, only the NumPy types are named.
+    with pytest.raises(UnsupportedMediaType) as refused:
+        Hooks(plugin_manager).transform(Doubler(), b"x", "application/xml", "application/json")
+    assert "text/plain" not in str(refused.value)

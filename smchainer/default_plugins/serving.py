@@ -2,11 +2,19 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smchainer import content
 from smchainer.errors import BadRequest, SmchainerError
 from smchainer.hookspecs import hookimpl
+
+if TYPE_CHECKING:
+    from smchainer.context import ServingContext
+
+
+@hookimpl
+def media_types() -> content.MediaTypes:
+    return content.NUMPY_MEDIA_TYPES
 
 
 @hookimpl(trylast=True)
@@ -20,8 +28,9 @@ def model_fn(model_dir: str) -> Any:
 
 
 @hookimpl(trylast=True)
-def input_fn(input_data: bytes, content_type: str) -> Any:
-    return content.decode(input_data, content_type)
+def input_fn(input_data: bytes, content_type: str, context: ServingContext) -> Any:
+    # A 415 names every type the registered plugins decode, not only NumPy's.
+    return content.decode(input_data, content_type, context.media_types.decodes)
 
 
 @hookimpl(trylast=True)

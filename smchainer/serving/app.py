@@ -269,7 +269,8 @@ class InferenceApp:
         content_type = content.media_type(
             environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
         )
-        accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"), self.default_accept)
+        accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"), self.default_accept,
+                                           self.hooks.media_types().encodes)
         body = self.read_body(environ)
         future = self.runner.submit(lambda: self.infer(model, body, content_type, accepts))
         try:

@@ -134,6 +134,12 @@ def served_model(context: ServingContext) -> ServedModel:
     return ServedModel(InputSpec(), (), ImageSettings.from_env())
 
 
+@hookimpl
+def media_types() -> content.MediaTypes:
+    """PNG, JPEG and zips of them in; JSON (with ``top_k``) out."""
+    return content.MediaTypes(IMAGE_TYPES + ZIP_TYPES, (content.JSON,))
+
+
 @hookimpl(wrapper=True)
 def model_fn(model_dir: str, context: ServingContext) -> Any:
     """Keep the loaded model's input spec and class names; return the model unchanged."""

@@ -35,7 +35,7 @@ from image_helpers import (
 )
 from PIL import Image
 
-from smchainer.testing import free_port, shared_folder
+from smchainer.testing import free_port
 
 TOP_K = 3
 MAX_BATCH = 12
@@ -102,8 +102,8 @@ def start_server(tmp: Path, plugins: str, **env: str) -> Iterator[Server]:
 
 
 @pytest.fixture(scope="module")
-def cifar(pytestconfig) -> dict[str, bytes]:
-    folder = shared_folder(pytestconfig.rootpath) / "data" / "cifar10"
+def cifar(shared_dir) -> dict[str, bytes]:
+    folder = shared_dir / "data" / "cifar10"
     if not (folder / "test.zip").exists():
         pytest.skip(f"CIFAR-10 not found at {folder} (set SMCHAINER_SHARED)")
     return cifar_jpegs(folder, JPEGS)
@@ -132,6 +132,15 @@ def test_a_jpeg_as_json_gives_the_top_classes_with_names(server, cifar) -> None:
     assert entry["label"] == ranked[0] and entry["class"] == CLASSES[ranked[0]]
     assert entry["probability"] == entry["top_k"][0]["probability"]
     np.testing.assert_allclose(entry["scores"], expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_415_names_the_image_types_beside_the_numpy_ones(server) -> None:
+    status, content_type, body = server.post(b"<x/>", "application/xml", "application/json")
+    assert status == 415 and content_type == "application/json", body
+    message = json.loads(body)["error"]
+    for media_type in ("application/x-npy", "text/csv", "image/png", "image/jpeg",
+                       "application/zip"):
+        assert media_type in message, message
 
 
 def test_a_jpeg_as_npy_gives_the_models_own_scores(server, cifar) -> None:
