@@ -1,4 +1,4 @@
-"""What the suite shares beyond the fixtures of :mod:`smchainer.testing`."""
+"""What the suite shares beyond the fixtures of :mod:`smchainer.testing` and ``../conftest.py``."""
 from __future__ import annotations
 
 import sys

@@ -9,7 +9,6 @@ from types import ModuleType
 
 import pytest
 
-from smchainer.testing import shared_folder
 from tests.api.cifar import make_channels
 from tests.conftest import ROOT
 
@@ -19,10 +18,10 @@ TINY_VGG = {"epochs": 1, "batch-size": 32, "width": 0.125, "depth": 8}
 
 
 @pytest.fixture(scope="session")
-def cifar_channels(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory
+def cifar_channels(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory
                    ) -> dict[str, Path]:
     """``train`` (250 images) and ``test`` (100) channels in the SageMaker example's format."""
-    folder = shared_folder(pytestconfig.rootpath) / "data" / "cifar10"
+    folder = shared_dir / "data" / "cifar10"
     if not (folder / "test.zip").exists():
         pytest.skip(f"CIFAR-10 not found at {folder} (set SMCHAINER_SHARED)")
     return make_channels(folder, tmp_path_factory.mktemp("cifar"), train_per_class=25,

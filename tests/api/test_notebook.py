@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from smchainer.testing import shared_folder
 from tests.api.conftest import alive
 from tests.conftest import ROOT
 
@@ -19,10 +18,10 @@ NOTEBOOK = ROOT / "examples" / "cifar10_notebook.py"
 @pytest.mark.s3
 @pytest.mark.mpi
 def test_the_cifar10_notebook_runs_on_s3_data_with_two_instances(
-        pytestconfig, s3_bucket, tmp_path, cifar_channels):
+        shared_dir, s3_bucket, tmp_path, cifar_channels):
     env = dict(os.environ)
     env.update({
-        "SMCHAINER_SHARED": str(shared_folder(pytestconfig.rootpath)),
+        "SMCHAINER_SHARED": str(shared_dir),
         "SMCHAINER_EXAMPLE_WORK": str(tmp_path),
         "SMCHAINER_EXAMPLE_TRAIN_PER_CLASS": "20",
         "SMCHAINER_EXAMPLE_TEST_PER_CLASS": "5",

@@ -15,7 +15,7 @@ from tests.training.helpers import environment
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(gpu_count() == 0, reason="needs a CUDA GPU and CuPy"),
+    pytest.mark.usefixtures("gpus"),  # smchainer.testing.require_gpu: skip, or fail if required
 ]
 
 TRAIN = [sys.executable, "-m", "smchainer.training.cli"]

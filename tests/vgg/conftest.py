@@ -21,11 +21,9 @@ def cifar_cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cifar_test_set(pytestconfig, cifar_cache) -> datasets.ImageDataset:
+def cifar_test_set(shared_dir, cifar_cache) -> datasets.ImageDataset:
     """The shared CIFAR-10 test.zip, decoded (10,000 images)."""
-    from smchainer.testing import shared_folder
-
-    zip_path = shared_folder(pytestconfig.rootpath) / "data" / "cifar10" / "test.zip"
+    zip_path = shared_dir / "data" / "cifar10" / "test.zip"
     if not zip_path.exists():
         pytest.skip(f"CIFAR-10 not found at {zip_path.parent} (set SMCHAINER_SHARED)")
     return datasets.load_channel(zip_path, "test", cache_dir=cifar_cache)
