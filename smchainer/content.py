@@ -232,11 +232,16 @@ def encode_csv(prediction: Any) -> bytes:
 _ENCODERS = {NPY: encode_npy, JSON: encode_json, CSV: encode_csv}
 
 
-def encode(prediction: Any, accept: str) -> tuple[bytes, str]:
-    """Encode ``prediction`` as the media range ``accept``; return body and type."""
+def encode(prediction: Any, accept: str,
+           supported: Sequence[str] = NUMPY_TYPES) -> tuple[bytes, str]:
+    """Encode ``prediction`` as the media range ``accept``; return body and type.
+
+    :raises NotAcceptable: for a type the NumPy codecs do not write, naming
+        ``supported`` (every type the server's plugins encode).
+    """
     concrete = match_media_range(accept, NUMPY_TYPES)
     if concrete is None:
         raise NotAcceptable(
-            f"cannot answer as {accept!r}; supported: {', '.join(NUMPY_TYPES)}"
+            f"cannot answer as {accept!r}; supported: {', '.join(supported)}"
         )
     return _ENCODERS[concrete](prediction), concrete

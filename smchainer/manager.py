@@ -160,7 +160,7 @@ class Hooks:
         supported = ", ".join(self.media_types().encodes) or "none declared"
         raise NotAcceptable(
             f"no acceptable response type: Accept asks for {', '.join(accepts)}; "
-            f"supported: {supported}" + (f" ({refused[-1]})" if refused else "")
+            + (refused[-1] if refused else f"supported: {supported}")
         )
 
     def train(self, env: TrainingEnv) -> Any:

@@ -52,5 +52,5 @@ def predict_fn(input_data: Any, model: Any) -> Any:
 
 
 @hookimpl(trylast=True)
-def output_fn(prediction: Any, accept: str) -> Any:
-    return content.encode(prediction, accept)
+def output_fn(prediction: Any, accept: str, context: ServingContext) -> Any:
+    return content.encode(prediction, accept, context.media_types.encodes)

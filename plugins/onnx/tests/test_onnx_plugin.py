@@ -95,7 +95,7 @@ def test_the_built_in_vgg_hooks_run_the_converted_model(cifar10, tmp_path, monke
     # The built-in VGG predict_fn takes the stand-in for its VGG (the model's
     # contract says what it is): class names come back, the scores from ONNX Runtime.
     context = hooks.request_context(served)
-    body, _ = vgg.output_fn(vgg.predict_fn(images, served, context), "application/json")
+    body, _ = vgg.output_fn(vgg.predict_fn(images, served, context), "application/json", context)
     answer = json.loads(body)["predictions"]
     assert [p["class"] for p in answer] == [names[i] for i in expected.argmax(axis=1)]
     np.testing.assert_allclose([p["scores"] for p in answer], expected, rtol=1e-4, atol=1e-4)

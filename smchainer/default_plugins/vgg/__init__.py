@@ -27,7 +27,7 @@ import numpy as np
 
 from smchainer import content
 from smchainer.classification import Classification
-from smchainer.errors import BadRequest, NotAcceptable
+from smchainer.errors import BadRequest
 from smchainer.functions.augment import SCALE
 from smchainer.hookspecs import hookimpl
 from smchainer.model_contract import METADATA_FILE
@@ -144,7 +144,7 @@ def predict_fn(input_data: Any, model: Any, context: ServingContext) -> Any:
 
 
 @hookimpl(trylast=True)
-def output_fn(prediction: Any, accept: str) -> Any:
+def output_fn(prediction: Any, accept: str, context: ServingContext) -> Any:
     """Encode a :class:`Classification`; None for other predictions.
 
     ``application/json``: ``{"predictions": [{"label": 3, "class": "cat",
@@ -153,11 +153,6 @@ def output_fn(prediction: Any, accept: str) -> Any:
     """
     if not isinstance(prediction, Classification):
         return None
-    concrete = content.match_media_range(accept, content.NUMPY_TYPES)
-    if concrete is None:
-        raise NotAcceptable(
-            f"cannot answer as {accept!r}; supported: {', '.join(content.NUMPY_TYPES)}"
-        )
-    if concrete == content.JSON:
-        return json.dumps(prediction.as_json()).encode(), concrete
-    return content.encode(prediction.scores, concrete)
+    if content.match_media_range(accept, (content.JSON,)) is not None:
+        return json.dumps(prediction.as_json()).encode(), content.JSON
+    return content.encode(prediction.scores, accept, context.media_types.encodes)
