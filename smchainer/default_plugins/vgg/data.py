@@ -43,12 +43,18 @@ class PreparedData:
 
 @dataclass
 class RankData:
-    """One rank's share of the data: training arrays and the evaluation set."""
+    """One rank's share of the data: training arrays and their iterators.
+
+    ``train_iter`` deals out row numbers of the training arrays (the updater
+    holds the arrays themselves on the device), in an order that snapshots
+    save; ``test_iter`` walks the evaluation set once per evaluation.
+    """
 
     prepared: PreparedData
     train_images: np.ndarray
     train_labels: np.ndarray
-    test_set: Any
+    train_iter: Any
+    test_iter: Any
 
 
 def load_data(env: TrainingEnv, hp: Hyperparameters) -> tuple[ImageDataset, ImageDataset, str]:
@@ -97,7 +103,7 @@ def channel_statistics(images: np.ndarray, chunk: int = 4096) -> tuple[list[floa
 
 
 def rank_data(env: TrainingEnv, hp: Hyperparameters, comm: Any = None) -> RankData:
-    """Read the channels on rank 0 and give every rank its share.
+    """Read the channels on rank 0 and give every rank its share, with its iterators.
 
     The other ranks learn the outcome, or the data error, from rank 0, so a
     bad channel fails every rank with the same message. Training data become
@@ -140,7 +146,15 @@ def rank_data(env: TrainingEnv, hp: Hyperparameters, comm: Any = None) -> RankDa
         test_arrays = None if test is None else (test.images, test.labels)
         test_set = chainer.datasets.TupleDataset(*scatter_arrays(test_arrays, comm))
     assert train_arrays is not None and test_set is not None  # every rank holds its share now
-    return RankData(prepared, train_arrays[0], train_arrays[1], test_set)
+    images, labels = train_arrays
+    train_iter = chainer.iterators.SerialIterator(
+        np.arange(len(labels)), hp["batch-size"],
+        order_sampler=DerivedOrderSampler(hp["seed"], env.rank),
+    )
+    test_iter = chainer.iterators.SerialIterator(
+        test_set, hp["eval-batch-size"], repeat=False, shuffle=False
+    )
+    return RankData(prepared, images, labels, train_iter, test_iter)
 
 
 # --- batches ---------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The built-in VGG trainer's job, start to end (imported when ``train`` runs).
 
 :func:`run_training` reads as the recipe it is: the device and the
-communicator, each rank's data, the model, the optimizer, the iterators and
-the updater, the extensions, resume, train, evaluate, save. Each step lives
+communicator, each rank's data and iterators, the model, the optimizer, the
+updater, the extensions, resume, train, evaluate, save. Each step lives
 in a module of its own beside this one.
 """
 from __future__ import annotations
@@ -13,12 +13,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import chainer
 import numpy as np
 from chainer import training
 
 from smchainer import optimizers
-from smchainer.default_plugins.vgg.data import DerivedOrderSampler, evaluation_converter, rank_data
+from smchainer.default_plugins.vgg.data import evaluation_converter, rank_data
+from smchainer.default_plugins.vgg.distributed import open_communicator
 from smchainer.default_plugins.vgg.extensions import (
     Checkpointer,
     LearningRateSchedule,
@@ -30,32 +30,11 @@ from smchainer.default_plugins.vgg.model import build_classifier
 from smchainer.default_plugins.vgg.modelfile import save_model
 from smchainer.default_plugins.vgg.updater import AugmentingUpdater
 from smchainer.device import get_device
-from smchainer.errors import SmchainerError
 
 if TYPE_CHECKING:
     from smchainer.training.env import TrainingEnv
 
 logger = logging.getLogger(__name__)
-
-
-def open_communicator(env: TrainingEnv, hp: Hyperparameters, on_gpu: bool, device: Any) -> Any:
-    """ChainerMN's communicator for a job of several ranks; None for one.
-
-    Built over the MPI communicator the runner already opened
-    (``env.mpi_comm``), so MPI is set up once per process.
-    """
-    if env.size == 1:
-        return None
-    import chainermn
-
-    name = hp["communicator"] or ("pure_nccl" if on_gpu else "naive")
-    comm = chainermn.create_communicator(name, mpi_comm=env.mpi_comm)
-    if comm.size != env.size or comm.rank != env.rank:
-        raise SmchainerError(
-            f"MPI says rank {comm.rank} of {comm.size}, the job says {env.rank} of {env.size}"
-        )
-    logger.info("rank %d of %d, communicator %s, device %s", env.rank, env.size, name, device)
-    return comm
 
 
 def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
@@ -64,7 +43,7 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     device = get_device(env.device)
     on_gpu = device.xp is not np
     kernels = resolve_kernels(hp["kernels"], on_gpu)
-    comm = open_communicator(env, hp, on_gpu, device)
+    comm = open_communicator(env, hp["communicator"], on_gpu, device)
     master = env.is_rank_zero
     data = rank_data(env, hp, comm)
     if on_gpu:
@@ -89,15 +68,8 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     optimizer.setup(classifier)
 
     batch_size = hp["batch-size"]
-    train_iter = chainer.iterators.SerialIterator(
-        np.arange(len(data.train_labels)), batch_size,
-        order_sampler=DerivedOrderSampler(hp["seed"], env.rank),
-    )
-    test_iter = chainer.iterators.SerialIterator(
-        data.test_set, hp["eval-batch-size"], repeat=False, shuffle=False
-    )
     updater = AugmentingUpdater(
-        train_iter, optimizer, device=device, seed=hp["seed"], rank=env.rank,
+        data.train_iter, optimizer, device=device, seed=hp["seed"], rank=env.rank,
         augment=hp["augment"], images=data.train_images, labels=data.train_labels,
         # the crop kernel goes with the fused kernels on a GPU (the CPU has no kernel)
         gather_on_device=kernels == "fused" or not on_gpu,
@@ -116,7 +88,7 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
 
     trainer.extend(LearningRateSchedule(hp, total_epochs), trigger=(1, "iteration"))
     evaluator: Any = RecordingEvaluator(
-        test_iter, classifier, converter=evaluation_converter, device=device
+        data.test_iter, classifier, converter=evaluation_converter, device=device
     )
     if comm is not None:
         import chainermn
