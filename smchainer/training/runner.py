@@ -108,11 +108,25 @@ def build_env(spec: JobSpec, world: World, log_level: int) -> TrainingEnv:
         device=rank_device(world.local_rank, num_gpus),
         checkpoint_dir=spec.checkpoint_dir,
         network_interface_name=network_interface_name(),
-        user_entry_point=spec.entry_point.name if spec.entry_point else None,
+        user_entry_point=entry_point_in_code(spec),
         log_level=int(level) if str(level).lstrip("-").isdigit() else log_level,
         job_name=spec.job_name,
         mpi_comm=world.comm,
     )
+
+
+def entry_point_in_code(spec: JobSpec) -> str | None:
+    """The entry point as a path inside ``code/``: relative to the source dir, else its name.
+
+    ``--source-dir src --entry-point scripts/train.py`` runs
+    ``code/scripts/train.py`` (``SM_USER_ENTRY_POINT=scripts/train.py``), as
+    SageMaker runs an entry point given relative to its source dir.
+    """
+    if spec.entry_point is None:
+        return None
+    if spec.source_dir is None:
+        return spec.entry_point.name
+    return spec.entry_point.resolve().relative_to(spec.source_dir.resolve()).as_posix()
 
 
 def _remove(path: Path) -> None:

@@ -146,6 +146,25 @@ def test_job_file_source_dir_and_requirements(tmp_path) -> None:
     assert tar_names(copied / "model.tar.gz") == ["note.txt"]
 
 
+def test_an_entry_point_in_a_subfolder_of_the_source_dir_runs(tmp_path) -> None:
+    source = tmp_path / "src"
+    (source / "scripts").mkdir(parents=True)
+    (source / "shared.py").write_text("WORD = 'from the source dir root'\n")
+    (source / "scripts" / "train.py").write_text(textwrap.dedent("""
+        import json, os, sys
+        sys.path.insert(0, os.getcwd())  # the code folder, as SageMaker's working directory
+        import shared
+        with open(os.path.join(os.environ["SM_MODEL_DIR"], "note.json"), "w") as f:
+            json.dump({"word": shared.WORD, "entry": os.environ["SM_USER_ENTRY_POINT"]}, f)
+    """))
+    tiny_dataset(tmp_path / "data")
+    result = train("--entry-point", "scripts/train.py", "--source-dir", str(source),
+                   "--channel", f"train={tmp_path / 'data'}", "--job-dir", str(tmp_path / "job"))
+    assert result.returncode == 0, result.stderr
+    note = json.loads((tmp_path / "job" / "model" / "note.json").read_text())
+    assert note == {"word": "from the source dir root", "entry": "scripts/train.py"}
+
+
 def test_requirements_that_cannot_be_installed_are_a_clear_error(tmp_path) -> None:
     source = tmp_path / "src"
     source.mkdir()
