@@ -113,8 +113,10 @@ def output_fn(prediction: Any, accept: str, context: ServingContext) -> Any | No
     Stops at the first non-None result.
 
     :param prediction: what :func:`predict_fn` returned.
-    :param accept: one concrete media type the client accepts (the server
-        resolves q-values and ``*/*`` before calling).
+    :param accept: one media type the client accepts. The server resolves
+        q-values and ``*/*`` before calling, and tries a ``type/*`` range as
+        each registered type it covers first (see ``media_types``), then as
+        the range itself, for an implementation that answers ranges.
     :param context: this request's context.
     :return: the body as ``bytes`` or ``str`` (sent as ``accept``), or a
         ``(body, content_type)`` pair.
@@ -137,7 +139,7 @@ def transform_fn(
     :param model: what :func:`model_fn` returned.
     :param input_data: the raw request body.
     :param content_type: the request's media type, without parameters.
-    :param accept: one concrete media type the client accepts.
+    :param accept: one media type the client accepts, as for :func:`output_fn`.
     :param context: this request's context.
     :return: as for :func:`output_fn`.
     """

@@ -7,16 +7,10 @@ by the test itself.
 """
 from __future__ import annotations
 
-import http.client
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +29,7 @@ from image_helpers import (
 )
 from PIL import Image
 
-from smchainer.testing import free_port
+from smchainer.testing import ServerProcess
 
 TOP_K = 3
 MAX_BATCH = 12
@@ -43,62 +37,28 @@ MAX_BATCH = 12
 JPEGS = [f"test/{name}/0003.jpg" for name in CLASSES] + ["test/cat/0000.jpg"]
 
 
-@dataclass
-class Server:
-    port: int
-    process: subprocess.Popen
-    log: Path
+class Server(ServerProcess):
+    """The image plugin's server: a small VGG saved as the trainer saves it."""
+
     model: object
-
-    def post(self, body: bytes, content_type: str, accept: str) -> tuple[int, str, bytes]:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
-        try:
-            connection.request("POST", "/invocations", body=body,
-                               headers={"Content-Type": content_type, "Accept": accept})
-            response = connection.getresponse()
-            return response.status, response.getheader("Content-Type", ""), response.read()
-        finally:
-            connection.close()
-
-    def ping(self) -> int:
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            connection.request("GET", "/ping")
-            return connection.getresponse().status
-        except OSError:
-            return 0
-        finally:
-            connection.close()
+    timeout = 120  # a zip of many images on a busy 2-core machine
 
 
 def start_server(tmp: Path, plugins: str, **env: str) -> Iterator[Server]:
     model_dir = tmp / "model"
     model = save_vgg(model_dir)
-    port = free_port()
-    log = tmp / "server.log"
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("SMCHAINER_")}
+    # Only the plugins named: none of this environment's SMCHAINER_ settings.
+    environment: dict[str, str | None] = {
+        k: None for k in os.environ if k.startswith("SMCHAINER_")}
     environment.update(SMCHAINER_LOAD_PLUGINS=plugins, SMCHAINER_DEVICE="cpu", **env)
-    serve = Path(sys.executable).parent / "smchainer-serve"
-    with open(log, "wb") as output:
-        process = subprocess.Popen(
-            [str(serve), "--model-dir", str(model_dir), "--bind", f"127.0.0.1:{port}",
-             "--workers", "1", "--log-level", "info"],
-            stdout=output, stderr=subprocess.STDOUT, env=environment,
-        )
-    server = Server(port, process, log, model)
+    server = Server(["--model-dir", str(model_dir), "--workers", "1", "--log-level", "info"],
+                    tmp / "server.log", environment)
+    server.model = model
     try:
-        deadline = time.monotonic() + 120
-        while server.ping() != 200:
-            if process.poll() is not None:
-                raise AssertionError(f"server exited with {process.returncode}:\n"
-                                     f"{log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server not ready after 120 s:\n{log.read_text()}")
-            time.sleep(0.1)
+        server.wait_ready(120)
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
+        server.stop(60)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +198,7 @@ def test_bad_images_are_400s_with_a_message_and_the_server_survives(server, cifa
     assert server.ping() == 200
     status, _, body = server.post(cifar["test/cat/0000.jpg"], "image/jpeg", "application/json")
     assert status == 200 and len(json.loads(body)["predictions"]) == 1
-    log = server.log.read_text()
+    log = server.log()
     assert "Traceback" not in log and "Worker exiting" not in log, log
 
 
@@ -260,4 +220,4 @@ def test_with_the_onnx_plugin_too_a_jpeg_gets_named_top_classes(tmp_path, cifar)
         assert status == 200, body
         expected = model_scores(server.model, np.stack([pixels(cifar[n]) for n in names]))
         np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, rtol=1e-4, atol=1e-4)
-    assert "through ONNX Runtime" in server.log.read_text()
+    assert "through ONNX Runtime" in server.log()
