@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from smchainer.default_plugins.vgg import data as vgg_data
+from smchainer.default_plugins.vgg import sampling as vgg_sampling
 from smchainer.default_plugins.vgg import updater as vgg_updater
 from smchainer.functions.augment import crop_flip
 from smchainer.testing import require_gpu
@@ -37,7 +38,7 @@ def test_gpu_crop_flip_equals_the_cpu(device, seed) -> None:
     images = cifar_like(seed)
     rng = np.random.default_rng(seed + 100)
     index = rng.integers(0, len(images), size=256)
-    top, left, flip = vgg_data.draw_crops(rng, 256)
+    top, left, flip = vgg_sampling.draw_crops(rng, 256)
     expected = crop_flip(images, index, top, left, flip)
     on_gpu = device.send(images)
     # As the trainer passes them: rows of one int64 array sent in one copy.
@@ -73,7 +74,7 @@ def test_gpu_crop_flip_of_a_large_batch(device) -> None:
     images = cifar_like(3, n=3000)
     rng = np.random.default_rng(3)
     index = rng.integers(0, 3000, size=2000)  # 6.1 M outputs > 65,535 blocks x 256
-    top, left, flip = vgg_data.draw_crops(rng, 2000)
+    top, left, flip = vgg_sampling.draw_crops(rng, 2000)
     got = crop_flip(device.send(images), device.send(index), top, left, flip)
     np.testing.assert_array_equal(cupy.asnumpy(got), crop_flip(images, index, top, left, flip))
 
@@ -98,7 +99,7 @@ def fed_batches(device, images, labels, steps: int) -> list:
     optimizer = chainer.optimizers.SGD()
     optimizer.setup(recorder)
     iterator = chainer.iterators.SerialIterator(
-        np.arange(len(labels)), 128, order_sampler=vgg_data.DerivedOrderSampler(5))
+        np.arange(len(labels)), 128, order_sampler=vgg_sampling.DerivedOrderSampler(5))
     updater = vgg_updater.AugmentingUpdater(iterator, optimizer, device=device, seed=5, rank=0,
                                    augment=True, images=images, labels=labels)
     assert isinstance(updater.images, device.xp.ndarray)  # held where training runs

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from smchainer.default_plugins.vgg.data import draw_crops
+from smchainer.default_plugins.vgg.sampling import draw_crops
 
 
 def augment(images: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:

@@ -20,6 +20,7 @@ import pytest
 from smchainer.default_plugins.vgg import data as vgg_data
 from smchainer.default_plugins.vgg import hyperparameters as vgg_hp
 from smchainer.default_plugins.vgg import model as vgg_model
+from smchainer.default_plugins.vgg import sampling as vgg_sampling
 from smchainer.default_plugins.vgg import updater as vgg_updater
 from smchainer.errors import SmchainerError
 from smchainer.functions import augment as aug
@@ -55,7 +56,7 @@ def test_crop_flip_equals_augment_then_to_float(seed) -> None:
     index = np.random.default_rng(seed + 10).integers(0, len(images), size=64)  # with repeats
     expected = vgg_data.to_float(former.augment(images[index], np.random.default_rng(seed)))
     # The same generator state gives the same crops through draw_crops.
-    top, left, flip = vgg_data.draw_crops(np.random.default_rng(seed), len(index))
+    top, left, flip = vgg_sampling.draw_crops(np.random.default_rng(seed), len(index))
     got = crop_flip(images, index, top, left, flip)
     assert got.dtype == np.float32 and got.shape == (64, 3, 32, 32)
     np.testing.assert_array_equal(got, expected)
@@ -197,16 +198,16 @@ def test_the_updater_feeds_what_the_per_batch_pipeline_fed(augment, gather_on_de
     optimizer = chainer.optimizers.SGD()
     optimizer.setup(recorder)
     iterator = chainer.iterators.SerialIterator(
-        np.arange(50), 16, order_sampler=vgg_data.DerivedOrderSampler(3, 1))
+        np.arange(50), 16, order_sampler=vgg_sampling.DerivedOrderSampler(3, 1))
     updater = vgg_updater.AugmentingUpdater(
         iterator, optimizer, device=chainer.get_device("@numpy"), seed=3, rank=1,
         augment=augment, images=images, labels=labels, gather_on_device=gather_on_device)
     # The former pipeline: (image, label) tuples, stacked, augmented, scaled.
     examples = chainer.iterators.SerialIterator(
         chainer.datasets.TupleDataset(images, labels), 16,
-        order_sampler=vgg_data.DerivedOrderSampler(3, 1))
+        order_sampler=vgg_sampling.DerivedOrderSampler(3, 1))
     for step in range(9):  # past two epoch ends (a short batch mixes two epochs)
-        rng = vgg_data.iteration_rng(3, 1, step)
+        rng = vgg_sampling.iteration_rng(3, 1, step)
         rng.integers(2**32)  # the draw that reseeds NumPy's global generator
         batch_images, batch_labels = vgg_data.stack_batch(examples.next())
         if augment:

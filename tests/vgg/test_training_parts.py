@@ -9,6 +9,7 @@ import pytest
 from smchainer.default_plugins.vgg import data as vgg_data
 from smchainer.default_plugins.vgg import extensions as vgg_ext
 from smchainer.default_plugins.vgg import hyperparameters as vgg_hp
+from smchainer.default_plugins.vgg import sampling as vgg_sampling
 from smchainer.errors import SmchainerError
 from tests.vgg import reference as former
 
@@ -86,14 +87,14 @@ def test_learning_rate_schedules() -> None:
 
 
 def test_epoch_orders_depend_only_on_seed_and_previous_order() -> None:
-    sampler = vgg_data.DerivedOrderSampler(seed=5)
+    sampler = vgg_sampling.DerivedOrderSampler(seed=5)
     first = sampler(np.arange(100), 0)
     second = sampler(first, 0)
     assert sorted(first) == list(range(100)) and not np.array_equal(first, second)
-    fresh = vgg_data.DerivedOrderSampler(seed=5)  # e.g. after a restart
+    fresh = vgg_sampling.DerivedOrderSampler(seed=5)  # e.g. after a restart
     np.testing.assert_array_equal(fresh(first, 0), second)
-    assert not np.array_equal(vgg_data.DerivedOrderSampler(seed=6)(np.arange(100), 0), first)
-    other_rank = vgg_data.DerivedOrderSampler(seed=5, rank=1)
+    assert not np.array_equal(vgg_sampling.DerivedOrderSampler(seed=6)(np.arange(100), 0), first)
+    other_rank = vgg_sampling.DerivedOrderSampler(seed=5, rank=1)
     assert not np.array_equal(other_rank(np.arange(100), 0), first)
 
 

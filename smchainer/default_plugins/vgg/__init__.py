@@ -9,7 +9,9 @@ a model directory and returns None for any other, so that a user's
 :class:`~smchainer.classification.Classification` objects, encoded as class
 scores (npy, CSV) or as labels, class names and scores (JSON).
 
-The package, one idea a module: :mod:`.hyperparameters`, :mod:`.data`,
+The package, one idea a module: :mod:`.hyperparameters`, :mod:`.data`
+(channels, shares, iterators), :mod:`.sampling` (batch order and crops as
+functions of the position), :mod:`.distributed` (the communicator),
 :mod:`.model` (network and loss), :mod:`.updater`, :mod:`.extensions`
 (schedule, evaluation, snapshots), :mod:`.modelfile` (the saved format,
 both ways) and :mod:`.trainer` (the job, as a recipe). This module imports

@@ -5,7 +5,7 @@ import chainer
 import numpy as np
 from chainer.training import updaters
 
-from smchainer.default_plugins.vgg.data import draw_crops, iteration_rng
+from smchainer.default_plugins.vgg.sampling import draw_crops, iteration_rng
 from smchainer.functions.augment import crop_flip
 
 
