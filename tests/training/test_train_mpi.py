@@ -97,6 +97,23 @@ def test_num_processes_starts_mpirun_and_prints_it(tmp_path) -> None:
         "received-0.json", "received-1.json"]
 
 
+def test_the_built_in_trainer_on_two_ranks_uses_the_runners_mpi_world(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "train.npz",
+             x=rng.integers(0, 256, (64, 3, 32, 32), dtype=np.uint8), y=rng.integers(0, 10, 64))
+    result = train("--num-processes", "2", "--channel", "train=data", "--job-dir", "job",
+                   "--hp", "epochs=1", "--hp", "width=0.0625", "--hp", "depth=8",
+                   "--hp", "batch-size=8", "--hp", "progress-bar=false", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job = tmp_path / "job"
+    assert (job / "output" / "success").exists()
+    metrics = json.loads((job / "output" / "data" / "metrics.json").read_text())
+    assert metrics["ranks"] == 2 and metrics["iteration"] > 0
+    assert "rank 0 of 2, communicator naive" in result.stderr  # ranks other than 0 log no info
+    assert sorted(tar_names(job / "model.tar.gz")) == ["model.npz", "smchainer-model.json"]
+
+
 def test_num_processes_reports_a_failed_rank(tmp_path) -> None:
     tiny_dataset(tmp_path / "data")
     job = tmp_path / "job"
