@@ -18,13 +18,18 @@ import numpy as np
 from chainer import serializers, training
 from chainer.training import extensions
 
+try:  # with smchainer, model files are loaded without running pickles hidden in them
+    from smchainer.serializers import load_npz
+except ImportError:  # elsewhere (under SageMaker itself), Chainer's own loader
+    load_npz = serializers.load_npz
+
 
 def model_fn(model_dir):
     """The trained network, for the model server."""
     with open(os.path.join(model_dir, "net.json")) as f:
         shape = json.load(f)
     model = L.Classifier(net.VGG(**shape))
-    serializers.load_npz(os.path.join(model_dir, "model.npz"), model)
+    load_npz(os.path.join(model_dir, "model.npz"), model)
     return model.predictor
 
 

@@ -126,3 +126,55 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(start_server, slow_
     assert np.array_equal(replies[0].array(), predict_directly(slow_model / "model.npz", x))
     assert server.process.wait(timeout=30) == 0, server.log()
     assert "Handling signal: term" in server.log()
+
+
+PAYLOAD = '''
+import os, pickle, sys
+
+class Payload:
+    def __reduce__(self):
+        return (os.makedirs, (sys.argv[2],))
+
+with open(sys.argv[1], "wb") as f:
+    pickle.dump(Payload(), f)
+'''
+
+
+@pytest.mark.parametrize("code", [None, "example"], ids=["built-in-vgg", "aws-style-model_fn"])
+def test_a_pickled_model_npz_is_refused_and_its_payload_never_runs(start_server, tmp_path,
+                                                                      code):
+    """A pickle saved as model.npz: the worker says why on /ping, and nothing of it runs."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    marker = tmp_path / "payload-ran"
+    if code is None:  # the built-in VGG's model directory
+        (model_dir / "smchainer-model.json").write_text(json.dumps({
+            "architecture": "smchainer.models.VGG", "n_classes": 10, "width": 0.125,
+            "depth": 8, "weights": "model.npz"}))
+    else:  # the SageMaker example's own model_fn, net.json beside model.npz
+        examples = Path(__file__).resolve().parents[2] / "examples" / "cifar10"
+        (model_dir / "code").mkdir()
+        for name in ("train.py", "net.py"):
+            shutil.copy(examples / name, model_dir / "code" / name)
+        (model_dir / "net.json").write_text(json.dumps({"class_labels": 10}))
+    subprocess.run([sys.executable, "-c", PAYLOAD, str(model_dir / "model.npz"), str(marker)],
+                   check=True)
+    env = {"SAGEMAKER_PROGRAM": "train.py"} if code else {}
+    server = start_server(["--model-dir", str(model_dir), "--workers", "1"], env=env,
+                          ready=False)
+    server.wait_listening()
+    deadline = time.monotonic() + 60
+    while "still loading" in (reply := server.request("GET", "/ping")).body.decode():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert reply.status == 503
+    message = reply.json()["error"]
+    assert "model.npz is not an .npz archive" in message, message
+    assert not marker.exists()
+    assert server.process.poll() is None

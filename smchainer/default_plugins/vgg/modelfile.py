@@ -19,6 +19,7 @@ import smchainer
 from smchainer.errors import SmchainerError
 from smchainer.model_contract import METADATA_FILE, read_contract, write_contract
 from smchainer.models.vgg import INPUT_SHAPE, VGG
+from smchainer.serializers import load_npz
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def load_model(model_dir: str | os.PathLike) -> VGG:
         mean=normalization.get("mean"), std=normalization.get("std"),
     )
     try:
-        serializers.load_npz(str(weights), model)
+        load_npz(str(weights), model)  # pickles refused: model files come from anywhere
     except (KeyError, ValueError, OSError) as error:
         raise SmchainerError(f"{weights} does not fit the network its metadata describes: "
                              f"{error}") from None
