@@ -192,6 +192,50 @@ def test_a_resumed_run_ends_with_the_same_weights(tmp_path, cifar_npz_channels) 
     assert not np.array_equal(differs, saved_arrays(tmp_path / "stopped" / "model")["fc2/W"])
 
 
+class SnapshotPayload:
+    """Unpickling this creates a folder: proof that code from a snapshot ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.makedirs, (self.marker,))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickle"])
+def test_a_damaged_newest_snapshot_is_skipped_for_the_older_one(tmp_path, cifar_npz_channels,
+                                                                 caplog, damage) -> None:
+    import logging
+    import pickle
+
+    tiny = {**SMALL, "width": 0.0625, "train-samples": 320, "test-samples": 64,
+            "batch-size": 32, "cache-dir": str(tmp_path / "cache"), "checkpoint-every": 3}
+    whole = run(tmp_path / "whole", cifar_npz_channels, iterations=9, **tiny)
+    run(tmp_path / "job", cifar_npz_channels, iterations=7, **tiny)
+    checkpoints = tmp_path / "job" / "checkpoints"
+    newest = checkpoints / "snapshot_iter_6.rank0of1.npz"
+    marker = tmp_path / "payload-ran"
+    if damage == "truncated":
+        newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    else:
+        newest.write_bytes(pickle.dumps(SnapshotPayload(str(marker))))
+    with caplog.at_level(logging.WARNING):
+        resumed = run(tmp_path / "job", cifar_npz_channels, iterations=9, **tiny)
+    assert resumed["resumed_from_iteration"] == 3 and resumed["iteration"] == 9
+    assert not marker.exists()
+    warning = next(r.getMessage() for r in caplog.records if "cannot be loaded" in r.getMessage())
+    assert str(newest) in warning and "is not an .npz archive" in warning
+    assert (checkpoints / "snapshot_iter_6.rank0of1.npz.damaged").exists()
+    # Resuming from the older snapshot ends where the uninterrupted run ended.
+    expected = saved_arrays(tmp_path / "whole" / "model")
+    got = saved_arrays(tmp_path / "job" / "model")
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    assert resumed["test_accuracy"] == whole["test_accuracy"]
+
+
 def test_hold_out_without_a_test_channel(tmp_path, cifar_npz_channels, caplog) -> None:
     import logging
 

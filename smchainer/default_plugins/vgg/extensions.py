@@ -16,6 +16,9 @@ import chainer
 from chainer import serializers
 from chainer.training import extensions
 
+from smchainer.errors import SmchainerError
+from smchainer.serializers import SafeNpz, load_npz
+
 if TYPE_CHECKING:
     from smchainer.default_plugins.vgg.hyperparameters import Hyperparameters
 
@@ -143,20 +146,54 @@ class Checkpointer:
         for old in self._iterations()[:-self.keep]:
             self.path(old).unlink(missing_ok=True)
 
+    def damage(self, iteration: int) -> str | None:
+        """Why this rank's snapshot of ``iteration`` cannot be loaded; None when it can.
+
+        Every member is read, as :func:`~smchainer.serializers.load_npz`
+        reads it (pickles refused), before the trainer is touched, so a
+        damaged snapshot never leaves a half-loaded trainer behind.
+        """
+        try:
+            with SafeNpz(self.path(iteration)) as npz:
+                for key in npz:
+                    npz[key]
+        except (SmchainerError, OSError, ValueError) as error:
+            return str(error)
+        return None
+
     def resume(self, trainer, comm=None) -> int:
-        """Load the newest snapshot every rank has; return its iteration (0: none)."""
+        """Load the newest snapshot that every rank can load; return its iteration (0: none).
+
+        A snapshot that some rank lacks is not a candidate; one that is
+        damaged on any rank (truncated, not an npz, holding a pickle) is
+        skipped with a warning naming the file and why, and this rank's
+        damaged file is set aside as ``<name>.damaged``, so that the next
+        older snapshot is tried and later runs do not stumble on it again.
+        """
         mine = set(self._iterations())
         if comm is not None:
             common = set.intersection(*comm.mpi_comm.allgather(mine))
         else:
             common = mine
-        if not common:
-            return 0
-        iteration = max(common)
-        serializers.load_npz(str(self.path(iteration)), trainer)
-        if self.rank == 0:
-            logger.info("resumed from the snapshot at iteration %d in %s", iteration, self.folder)
-        return iteration
+        for iteration in sorted(common, reverse=True):
+            problem = self.damage(iteration)
+            problems = comm.mpi_comm.allgather(problem) if comm is not None else [problem]
+            if problem is not None:
+                damaged = self.path(iteration)
+                logger.warning("rank %d: snapshot %s cannot be loaded, skipped: %s",
+                               self.rank, damaged, problem)
+                os.replace(damaged, damaged.with_name(damaged.name + ".damaged"))
+            if any(p is not None for p in problems):
+                continue
+            load_npz(str(self.path(iteration)), trainer)
+            if self.rank == 0:
+                logger.info("resumed from the snapshot at iteration %d in %s", iteration,
+                            self.folder)
+            return iteration
+        if common and self.rank == 0:
+            logger.warning("no snapshot in %s could be loaded: training starts from the beginning",
+                           self.folder)
+        return 0
 
 
 def report_progress(trainer, progress_bar: bool) -> None:
