@@ -136,24 +136,68 @@ def match_media_range(media_range: str, supported: tuple[str, ...]) -> str | Non
 
 
 def decode_npy(body: bytes) -> np.ndarray:
-    """Read an ``.npy`` body; object (pickled) arrays are refused."""
+    """Read an ``.npy`` body, checking its header against its length before allocating.
+
+    The header is parsed by NumPy's own (literal-only) reader; the shape it
+    declares must account for exactly the bytes that follow, so a header
+    claiming 10^10 elements, a dimension of 2^64 or an object (pickled) dtype
+    is a 400 before any memory is set aside, and nothing is ever unpickled.
+    """
+    stream = io.BytesIO(body)
     try:
-        array = np.load(io.BytesIO(body), allow_pickle=False)
-    except ValueError as error:
-        if "pickle" in str(error).lower():
-            raise BadRequest("npy body holds pickled objects, which are never loaded") from None
+        version = np.lib.format.read_magic(stream)
+    except ValueError:
+        raise BadRequest(
+            f"body is not an npy file: it starts with {body[:8]!r}, not the npy magic "
+            "b'\\x93NUMPY'"
+        ) from None
+    try:
+        if version == (1, 0):
+            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream)
+    except Exception as error:  # NumPy raises ValueError, SyntaxError or TokenError here
+        raise BadRequest(f"npy body has a malformed header: {error}") from None
+    if dtype.hasobject:
+        raise BadRequest("npy body holds pickled objects, which are never loaded")
+    if any(dimension < 0 for dimension in shape):
+        raise BadRequest(f"npy header declares a negative dimension: shape {list(shape)}")
+    count = 1
+    for dimension in shape:
+        count *= dimension
+    expected = count * dtype.itemsize
+    remaining = len(body) - stream.tell()
+    if expected != remaining:
+        raise BadRequest(
+            f"npy header declares shape {list(shape)} of {dtype} ({expected} bytes), but the "
+            f"body holds {remaining} bytes after it"
+        )
+    try:
+        array = np.frombuffer(body, dtype=dtype, count=count, offset=stream.tell())
+        # A writable copy of its own, as np.load gives: hooks may change their input in place.
+        return array.reshape(shape, order="F" if fortran_order else "C").copy(order="K")
+    except (ValueError, TypeError) as error:  # a dtype NumPy cannot lay out this way
         raise BadRequest(f"npy body could not be read: {error}") from None
-    except (OSError, EOFError) as error:
-        raise BadRequest(f"body is not a valid npy file: {error}") from None
-    if not isinstance(array, np.ndarray):
-        raise BadRequest("npy body must hold one array, not an npz archive")
-    return array
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float; one too large for a float (``1e400``) is refused."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is outside the float range")
+    return value
 
 
 def decode_json(body: bytes) -> np.ndarray:
-    """Read a JSON array of numbers (or ``{"instances": [...]}``) as float32."""
+    """Read a JSON array of numbers (or ``{"instances": [...]}``) as float32.
+
+    Numbers that do not fit float32 (a 400-digit integer, 1e400) and bodies
+    nested too deep for the parser are 400s, not server errors.
+    """
     try:
-        data = json.loads(body)
+        data = json.loads(body, parse_float=_finite_float)
+    except RecursionError:
+        raise BadRequest("JSON body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise BadRequest(f"body is not valid JSON: {error}") from None
     if isinstance(data, dict):
@@ -161,7 +205,12 @@ def decode_json(body: bytes) -> np.ndarray:
             raise BadRequest('JSON body must be an array, or an object with "instances"')
         data = data["instances"]
     try:
-        return np.asarray(data, dtype=np.float32)
+        with np.errstate(over="raise"):
+            return np.asarray(data, dtype=np.float32)
+    except (OverflowError, FloatingPointError):
+        raise BadRequest("JSON body holds a number outside the float32 range") from None
+    except RecursionError:
+        raise BadRequest("JSON body is nested too deeply") from None
     except (ValueError, TypeError) as error:
         raise BadRequest(f"JSON body is not a rectangular array of numbers: {error}") from None
 
