@@ -35,11 +35,37 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+#: Control characters as their escapes: no log line can be split or forged by them.
+_ESCAPES = {code: f"\\x{code:02x}" for code in (*range(0x09), *range(0x0a, 0x20), 0x7f,
+                                                  *range(0x80, 0xa0))}
+_ESCAPES.update({0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def escape_control(text: str) -> str:
+    """``text`` with control characters (CR, LF, ESC, ...; not tab) written as escapes."""
+    return text.translate(_ESCAPES)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Each record's message on one line, control characters escaped; tracebacks as they are.
+
+    Messages carry request data (a path, a Content-Type, a file name), and a
+    CR/LF in a path such as ``/ping%0D%0AFORGED`` must not start a line of its
+    own in the log.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(level: int | str = logging.INFO) -> None:
     """Configure the root logger once, for a command (never for the library)."""
     if isinstance(level, str):
         level = parse_log_level(level)
-    logging.basicConfig(level=level, format=LOG_FORMAT, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
 
 
 def setup_package_logging(level: int) -> None:
@@ -54,7 +80,7 @@ def setup_package_logging(level: int) -> None:
     for handler in list(package.handlers):
         package.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     package.addHandler(handler)
     package.setLevel(level)
     package.propagate = False

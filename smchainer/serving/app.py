@@ -304,7 +304,22 @@ class InferenceApp:
         )
 
     def read_body(self, environ: dict[str, Any]) -> bytes:
-        """The body; a chunked one is read only up to the limit + 1 byte."""
+        """The body; a chunked one is read only up to the limit + 1 byte.
+
+        A body whose framing is broken (a bad chunk size, a missing chunk
+        terminator, a client gone mid-body) is a 400; gunicorn then closes the
+        connection, as it cannot find where the next request would start.
+        """
+        from gunicorn.http.errors import NoMoreData, ParseException
+
+        try:
+            return self._read_body(environ)
+        except (ParseException, NoMoreData) as error:
+            raise BadRequest(
+                f"the request body could not be read: {type(error).__name__}: {error}"
+            ) from None
+
+    def _read_body(self, environ: dict[str, Any]) -> bytes:
         stream = environ["wsgi.input"]
         header = environ.get("CONTENT_LENGTH")
         if header:

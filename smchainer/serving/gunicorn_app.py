@@ -1,6 +1,7 @@
 """The gunicorn application: smchainer's server through gunicorn's custom-application API.
 
-Worker class: ``gthread``. A ``sync`` worker handles one connection at a
+Worker class: :class:`smchainer.serving.worker.ServingWorker`, gunicorn's
+``gthread`` with protocol errors answered in JSON. A ``sync`` worker handles one connection at a
 time, so while an inference runs its ``/ping`` waits, and the platform's
 2-second health check fails on a busy but healthy worker. With ``gthread``
 the worker's threads keep answering ``/ping`` and ``/metrics`` while its
@@ -71,7 +72,7 @@ class ServingApplication(BaseApplication):
         return {
             "bind": [settings.bind],
             "workers": settings.workers,
-            "worker_class": "gthread",
+            "worker_class": "smchainer.serving.worker.ServingWorker",
             "threads": settings.threads,
             "timeout": settings.timeout,
             "graceful_timeout": min(GRACEFUL_TIMEOUT, settings.timeout),
