@@ -151,14 +151,27 @@ def check_tar_members(archive: tarfile.TarFile, destination: Path, name: str) ->
         del target
 
 
-def safe_extract(archive_path: str | os.PathLike[str], destination: str | os.PathLike[str]) -> Path:
-    """Extract a (gzipped) tar into ``destination`` after checking every member."""
+def safe_extract(archive_path: str | os.PathLike[str], destination: str | os.PathLike[str],
+                 max_bytes: int | None = None) -> Path:
+    """Extract a (gzipped) tar into ``destination`` after checking every member.
+
+    With ``max_bytes``, an archive whose members add up to more is refused
+    from their headers, before anything is written: a gzip bomb of a few MB
+    that would inflate to gigabytes never reaches the disk.
+    """
     target = Path(destination)
     target.mkdir(parents=True, exist_ok=True)
     name = str(archive_path)
     try:
         with tarfile.open(archive_path, "r:*") as archive:
             check_tar_members(archive, target, name)
+            if max_bytes is not None:
+                total = sum(member.size for member in archive.getmembers())
+                if total > max_bytes:
+                    raise StorageError(
+                        f"{name} holds {total} bytes once extracted, over the limit of "
+                        f"{max_bytes} (--max-model-size, SMCHAINER_MAX_MODEL_SIZE)"
+                    )
             if hasattr(tarfile, "data_filter"):
                 archive.extractall(target, filter="data")
             else:  # pragma: no cover - Python without extraction filters

@@ -125,7 +125,8 @@ class ServerProcess:
     """``smchainer-serve`` started as a real process on a free loopback port.
 
     ``args`` are the command's options (``--model-dir DIR`` and so on; the
-    bind address is added); its output goes to ``log_path``. The environment
+    bind address is added, or only the port with ``bind=False``); its output
+    goes to ``log_path``. The environment
     is this process's, with :attr:`defaults` for variables it does not set,
     then ``env`` on top (a None value removes the variable). Stop it with
     :meth:`stop` (SIGTERM, then SIGKILL).
@@ -137,7 +138,7 @@ class ServerProcess:
     timeout: ClassVar[float] = 30
 
     def __init__(self, args: Sequence[str], log_path: Path,
-                 env: Mapping[str, str | None] | None = None) -> None:
+                 env: Mapping[str, str | None] | None = None, bind: bool = True) -> None:
         self.port = free_port()
         self.log_path = Path(log_path)
         full_env = dict(os.environ)
@@ -149,7 +150,9 @@ class ServerProcess:
             else:
                 full_env[key] = given
         command = Path(sys.executable).parent / "smchainer-serve"
-        self.args = [str(command), "--bind", f"127.0.0.1:{self.port}", *args]
+        # Without ``bind`` the server takes its default address, on this port.
+        where = ["--bind", f"127.0.0.1:{self.port}"] if bind else ["--port", str(self.port)]
+        self.args = [str(command), *where, *args]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.args, stdout=log, stderr=subprocess.STDOUT, env=full_env

@@ -15,6 +15,7 @@ client only when debug logging is on.
 from __future__ import annotations
 
 import concurrent.futures
+import hmac
 import json
 import logging
 import queue
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("smchainer.serving.access")
 
 _READ_CHUNK = 64 * 1024
+#: Answered without a token when the server requires one: health checks must work.
+OPEN_PATHS = frozenset({"/ping"})
 
 
 @dataclass
@@ -220,6 +223,10 @@ class InferenceApp:
         return [body]
 
     def dispatch(self, method: str, path: str, environ: dict[str, Any]) -> Response:
+        if self.settings.auth_token is not None and path not in OPEN_PATHS:
+            refused = self.check_token(environ.get("HTTP_AUTHORIZATION"))
+            if refused is not None:
+                return refused
         methods = self.routes.get(path)
         if methods is None:
             return error_response(
@@ -232,6 +239,21 @@ class InferenceApp:
             response.headers.append(("Allow", allowed))
             return response
         return handler(environ)
+
+    def check_token(self, header: str | None) -> Response | None:
+        """None when ``Authorization`` carries the server's bearer token; else the 401."""
+        scheme, _, given = (header or "").strip().partition(" ")
+        expected = self.settings.auth_token or ""
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
+                                                              expected.encode()):
+            return None
+        reason = ("a wrong bearer token" if scheme.lower() == "bearer"
+                  else "no bearer token" if not header else "no bearer token (Authorization "
+                  "must be 'Bearer <token>')")
+        response = error_response(f"this server requires authentication: the request has "
+                                  f"{reason}", 401)
+        response.headers.append(("WWW-Authenticate", 'Bearer realm="smchainer"'))
+        return response
 
     def handle_error(self, error: Exception, method: str, path: str) -> Response:
         status = http_status_of(error)

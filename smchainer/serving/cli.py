@@ -104,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
         f"${config.MAX_PAYLOAD_ENV}, else {config.DEFAULT_MAX_PAYLOAD_MB})",
     )
     parser.add_argument(
+        "--max-model-size", metavar="SIZE",
+        help="the most a model archive may hold once extracted, such as 500M or 8G; a "
+        f"larger one is refused before it is written (default ${config.MAX_MODEL_SIZE_ENV}, "
+        f"else {config.DEFAULT_MAX_MODEL_SIZE})",
+    )
+    parser.add_argument(
+        "--auth-token-file", metavar="FILE",
+        help="require 'Authorization: Bearer <token>' (the file's first line) on "
+        "/invocations, /metrics and /execution-parameters; /ping stays open for health "
+        f"checks (default ${config.AUTH_TOKEN_FILE_ENV}, or the token in "
+        f"${config.AUTH_TOKEN_ENV})",
+    )
+    parser.add_argument(
         "--log-level", metavar="LEVEL",
         help=f"debug, info, warning or error (default ${config.LOG_LEVEL_ENV}, else info); "
         "at debug, error responses carry the traceback",
@@ -151,8 +164,17 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
             "such as application/json"
         )
 
+    if args.max_model_size is not None:
+        max_model_size = config.parse_size(args.max_model_size, "--max-model-size")
+    else:
+        max_model_size = config.parse_size(
+            os.environ.get(config.MAX_MODEL_SIZE_ENV, "").strip()
+            or config.DEFAULT_MAX_MODEL_SIZE, config.MAX_MODEL_SIZE_ENV)
+    auth_token = read_auth_token(args.auth_token_file)
+
     check_port_free(host, port)
-    model_dir = prepare_model_dir(args.model_dir, work_dir, endpoint_url=args.endpoint_url)
+    model_dir = prepare_model_dir(args.model_dir, work_dir, endpoint_url=args.endpoint_url,
+                                  max_bytes=max_model_size)
     user_module = find_user_module(model_dir, args.entry_point)
     # Built here only to fail before forking; each worker builds its own.
     pm = get_plugin_manager(user_module=user_module)
@@ -165,7 +187,24 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
         model_dir=model_dir, user_module=user_module, workers=workers, threads=threads,
         timeout=timeout, host=host, port=port, max_payload_mb=max_payload,
         default_accept=default_accept, log_level=log_level, metrics_dir=metrics_dir,
+        auth_token=auth_token,
     )
+
+
+def read_auth_token(path: str | None) -> str | None:
+    """The bearer token: ``--auth-token-file``, else its variable, else ``SMCHAINER_AUTH_TOKEN``."""
+    path = path or os.environ.get(config.AUTH_TOKEN_FILE_ENV, "").strip() or None
+    if path is not None:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError as error:
+            raise UsageError(f"--auth-token-file {path}: {error.strerror or error}") from None
+        token = lines[0].strip() if lines else ""
+        if not token:
+            raise UsageError(f"--auth-token-file {path} holds no token")
+        return token
+    token = os.environ.get(config.AUTH_TOKEN_ENV, "").strip()
+    return token or None
 
 
 def serve(args: argparse.Namespace, log_level: int) -> int:

@@ -22,14 +22,15 @@ DEFAULT_PROGRAM = "inference.py"
 
 
 def prepare_model_dir(source: str, work_dir: str | os.PathLike[str], *,
-                      endpoint_url: str | None = None) -> Path:
+                      endpoint_url: str | None = None, max_bytes: int | None = None) -> Path:
     """A local model directory for ``source``.
 
     ``source`` is a directory (used in place), a tar archive (extracted into
     ``work_dir/model``) or an ``s3://`` URI of an archive or of a prefix
-    (downloaded into ``work_dir`` first). A missing local source is a
-    :class:`UsageError`; an unsafe or unreadable archive and S3 failures are
-    :class:`smchainer.storage.StorageError`.
+    (downloaded into ``work_dir`` first). An archive may hold at most
+    ``max_bytes`` once extracted. A missing local source is a
+    :class:`UsageError`; an unsafe, oversized or unreadable archive and S3
+    failures are :class:`smchainer.storage.StorageError`.
     """
     work = Path(work_dir)
     if storage.is_s3_uri(source):
@@ -37,24 +38,24 @@ def prepare_model_dir(source: str, work_dir: str | os.PathLike[str], *,
         logger.info("fetched %s to %s", source, fetched)
         if fetched.is_dir():
             return fetched
-        return _extract(fetched, work / "model")
+        return _extract(fetched, work / "model", max_bytes)
     path = Path(source).expanduser()
     if path.is_dir():
         return path.resolve()
     if path.is_file():
-        return _extract(path, work / "model")
+        return _extract(path, work / "model", max_bytes)
     raise UsageError(
         f"--model-dir {source!r} does not exist: give a directory, a model.tar.gz "
         "or an s3:// URI"
     )
 
 
-def _extract(archive: Path, destination: Path) -> Path:
+def _extract(archive: Path, destination: Path, max_bytes: int | None) -> Path:
     if not tarfile.is_tarfile(archive):
         raise storage.StorageError(
             f"{archive} is neither a directory nor a tar archive (expected model.tar.gz)"
         )
-    storage.safe_extract(archive, destination)
+    storage.safe_extract(archive, destination, max_bytes)
     logger.info("extracted %s to %s", archive, destination)
     return destination
 
@@ -63,9 +64,12 @@ def find_user_module(model_dir: Path, entry_point: str | None = None,
                      program: str | None = None) -> Path | None:
     """The user's script: ``entry_point``, else ``code/<program>``, else ``code/inference.py``.
 
-    ``program`` defaults to ``SAGEMAKER_PROGRAM``. A script that was asked for
-    and is missing is a :class:`UsageError`; without any, None (the installed
-    and built-in plugins serve alone).
+    ``program`` defaults to ``SAGEMAKER_PROGRAM`` and must resolve inside
+    ``code/`` (``../../evil.py`` and links out of it are refused): it may
+    come with the model. ``entry_point`` is the operator's own path, given
+    on the command line, and may be anywhere. A script that was asked for and
+    is missing is a :class:`UsageError`; without any, None (the installed and
+    built-in plugins serve alone).
     """
     if entry_point:
         path = Path(entry_point).expanduser()
@@ -74,12 +78,18 @@ def find_user_module(model_dir: Path, entry_point: str | None = None,
         return path.resolve()
     program = program if program is not None else os.environ.get(PROGRAM_ENV, "").strip()
     if program:
-        path = model_dir / "code" / program
+        code_dir = (model_dir / "code").resolve()
+        path = (code_dir / program).resolve()
+        if code_dir not in path.parents:
+            raise UsageError(
+                f"{PROGRAM_ENV}={program!r} resolves to {path}, outside the model's code "
+                f"folder {code_dir}: it names a file inside that folder"
+            )
         if not path.is_file():
             raise UsageError(
                 f"{PROGRAM_ENV}={program!r} but {path} does not exist "
                 "(it names a file inside the model's code/ folder)"
             )
-        return path.resolve()
+        return path
     default = model_dir / "code" / DEFAULT_PROGRAM
     return default.resolve() if default.is_file() else None

@@ -6,7 +6,7 @@ WSGI app reads. :data:`ENVIRONMENT` documents every variable the server reads;
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from smchainer import environ
@@ -19,13 +19,19 @@ PORT_ENV = "SAGEMAKER_BIND_TO_PORT"
 PROGRAM_ENV = "SAGEMAKER_PROGRAM"
 DEFAULT_ACCEPT_ENV = "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT"
 LOG_LEVEL_ENV = "SAGEMAKER_CONTAINER_LOG_LEVEL"
+MAX_MODEL_SIZE_ENV = "SMCHAINER_MAX_MODEL_SIZE"
+AUTH_TOKEN_ENV = "SMCHAINER_AUTH_TOKEN"
+AUTH_TOKEN_FILE_ENV = "SMCHAINER_AUTH_TOKEN_FILE"
 
 DEFAULT_PORT = 8080
-DEFAULT_HOST = "0.0.0.0"
+#: Loopback, as local model servers bind by default: a container passes --bind 0.0.0.0.
+DEFAULT_HOST = "127.0.0.1"
 DEFAULT_TIMEOUT = 60
 DEFAULT_MAX_PAYLOAD_MB = 6
 DEFAULT_THREADS = 4
 DEFAULT_ACCEPT = "application/json"
+#: The most a model archive may hold once extracted (a gzip bomb guard).
+DEFAULT_MAX_MODEL_SIZE = "4G"
 #: SageMaker sends SIGKILL 30 s after SIGTERM; in-flight requests get a little less.
 GRACEFUL_TIMEOUT = 25
 
@@ -43,6 +49,11 @@ ENVIRONMENT = (
      f"default {DEFAULT_ACCEPT}"),
     (LOG_LEVEL_ENV, "log level (--log-level): debug, info, warning, error or a number; "
      "default info"),
+    (MAX_MODEL_SIZE_ENV, "the most a model archive may hold extracted (--max-model-size), "
+     f"such as 500M or 8G; default {DEFAULT_MAX_MODEL_SIZE}"),
+    (AUTH_TOKEN_ENV, "a bearer token that /invocations, /metrics and /execution-parameters "
+     "then require (--auth-token-file wins); /ping stays open"),
+    (AUTH_TOKEN_FILE_ENV, "a file holding that token (--auth-token-file)"),
     ("SMCHAINER_LOAD_PLUGINS", "comma-separated names: load only these installed plugins"),
     ("SMCHAINER_DISABLE_PLUGIN_AUTOLOAD", "1: load no installed plugin"),
     ("SMCHAINER_DEVICE", "cpu: keep every worker on the CPU even when GPUs are visible"),
@@ -67,6 +78,8 @@ class ServerSettings:
     metrics_dir: Path | None = None
     #: a device for every worker ("cpu", "gpu:0"); None: worker i on GPU i mod n
     device: str | None = None
+    #: the bearer token requests other than /ping must carry; None: no authentication
+    auth_token: str | None = field(default=None, repr=False)
 
     @property
     def bind(self) -> str:
@@ -86,6 +99,23 @@ class ServerSettings:
 def positive_int(value: str | int, what: str) -> int:
     """``value`` as an integer >= 1, or a :class:`UsageError` naming ``what``."""
     return environ.positive_int(value, what, UsageError)
+
+
+_SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: str, what: str) -> int:
+    """``500M``, ``8G``, ``1.5G`` or a number of bytes, as bytes (at least 1)."""
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in _SIZE_UNITS else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        size = int(float(number) * _SIZE_UNITS[unit])
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise UsageError(f"{what} must be a size such as 500M or 8G, not {value!r}")
+    return size
 
 
 def from_env(name: str, default: int) -> int:

@@ -138,3 +138,51 @@ def test_a_good_npy_body_is_still_answered_exactly(server) -> None:
     model_dir = server.args[server.args.index("--model-dir") + 1]
     np.testing.assert_array_equal(np.load(io.BytesIO(reply.body)),
                                   predict_directly(Path(model_dir) / "model.npz", x))
+
+
+def test_the_default_bind_is_loopback(tmp_path) -> None:
+    from tests.serving.conftest import Server
+
+    model_dir = make_model_dir(tmp_path / "model")
+    server = Server(["--model-dir", str(model_dir), "--workers", "1"], tmp_path / "log",
+                    bind=False)
+    try:
+        server.wait_ready()
+        assert f"Listening at: http://127.0.0.1:{server.port}" in server.log(), server.log()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def guarded(start_server, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("guarded")
+    model_dir = make_model_dir(folder / "model")
+    (folder / "token").write_text("s3cret-token\n")
+    return start_server(["--model-dir", str(model_dir), "--workers", "1",
+                         "--auth-token-file", str(folder / "token")])
+
+
+@pytest.mark.parametrize("path, method", [("/invocations", "POST"), ("/metrics", "GET"),
+                                          ("/execution-parameters", "GET"),
+                                          ("/nothing-here", "GET")])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic czNjcmV0",
+                                           "Bearer s3cret-token-and-more"])
+def test_with_a_token_other_paths_need_it(guarded, path, method, authorization) -> None:
+    headers = {"Content-Type": "application/json"}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    reply = guarded.request(method, path, b"[[1, 2, 3, 4]]" if method == "POST" else None,
+                            headers)
+    assert reply.status == 401, reply.body
+    assert reply.json()["status"] == 401 and "authentication" in reply.json()["error"]
+    assert reply.headers["www-authenticate"].startswith("Bearer")
+
+
+def test_with_a_token_ping_stays_open_and_the_token_opens_the_rest(guarded) -> None:
+    assert guarded.request("GET", "/ping").status == 200
+    token = {"Authorization": "Bearer s3cret-token"}
+    reply = guarded.request("POST", "/invocations", b"[[1, 2, 3, 4]]",
+                            {**token, "Content-Type": "application/json"})
+    assert reply.status == 200, reply.body
+    assert guarded.request("GET", "/metrics", headers=token).status == 200
+    assert "s3cret" not in guarded.log()

@@ -132,3 +132,81 @@ def test_a_malicious_tar_is_refused(tmp_path, member):
     assert not (tmp_path / "escaped.py").exists()
     assert not os.path.exists("/tmp/smchainer-absolute-escape.py")
     assert "Traceback" not in result.stderr
+
+
+def gzip_bomb(path, size: int) -> None:
+    """A model.tar.gz of one member of ``size`` zero bytes: a few hundred kB on disk."""
+    class Zeros(io.RawIOBase):
+        def __init__(self, left: int) -> None:
+            self.left = left
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer) -> int:
+            count = min(len(buffer), self.left)
+            buffer[:count] = bytes(count)
+            self.left -= count
+            return count
+
+    with tarfile.open(path, "w:gz", compresslevel=1) as archive:
+        info = tarfile.TarInfo("model.npz")
+        info.size = size
+        archive.addfile(info, io.BufferedReader(Zeros(size)))
+
+
+def test_a_gzip_bomb_is_refused_before_it_is_written(tmp_path):
+    archive = tmp_path / "model.tar.gz"
+    gzip_bomb(archive, 300 * 1024 * 1024)
+    assert archive.stat().st_size < 2 * 1024 * 1024
+    work = tmp_path / "work"  # the server's own temporary folder, to weigh what it wrote
+    work.mkdir()
+    result = subprocess.run(
+        [command("smchainer-serve"), "--model-dir", str(archive), "--max-model-size", "50M",
+         "--bind", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "TMPDIR": str(work)},
+    )
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and "over the limit of 52428800" in last, result.stderr
+    assert "--max-model-size" in last
+    written = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file()) - \
+        archive.stat().st_size
+    assert written < 1024 * 1024  # nothing of the 300 MB reached the disk
+
+
+def test_the_archive_limit_admits_a_model_within_it(tmp_path, start_server):
+    model_dir = make_model_dir(tmp_path / "model")
+    archive = tmp_path / "model.tar.gz"
+    storage.pack(model_dir, archive)
+    server = start_server(["--model-dir", str(archive), "--max-model-size", "1M",
+                           "--workers", "1"])
+    x = inputs(2)
+    reply = server.post(npy_bytes(x), "application/x-npy", "application/x-npy")
+    assert reply.status == 200
+    np.testing.assert_array_equal(np.load(io.BytesIO(reply.body)),
+                                  predict_directly(model_dir / "model.npz", x))
+    bad = subprocess.run([command("smchainer-serve"), "--model-dir", str(archive),
+                          "--max-model-size", "lots", "--bind", f"127.0.0.1:{free_port()}"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--max-model-size must be a size" in bad.stderr
+
+
+@pytest.mark.parametrize("program", ["../../evil.py", "../evil.py", "link.py"])
+def test_sagemaker_program_must_stay_inside_the_code_folder(tmp_path, program):
+    model_dir = make_model_dir(tmp_path / "model")
+    marker = tmp_path / "evil-ran"
+    evil = f"open({str(marker)!r}, 'w').close()\n"
+    (tmp_path / "evil.py").write_text(evil)
+    (tmp_path / "model" / "evil.py").write_text(evil)
+    (model_dir / "code" / "link.py").symlink_to(tmp_path / "evil.py")
+    result = subprocess.run(
+        [command("smchainer-serve"), "--model-dir", str(model_dir),
+         "--bind", f"127.0.0.1:{free_port()}"],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "SAGEMAKER_PROGRAM": program, "SMCHAINER_DISABLE_PLUGIN_AUTOLOAD": "1"},
+    )
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: SAGEMAKER_PROGRAM=") and "outside the model's code" in last
+    assert not marker.exists()
