@@ -17,9 +17,11 @@ model's; :attr:`~ServingContext.request` is the request's alone.
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from smchainer.content import NUMPY_MEDIA_TYPES, MediaTypes
+from smchainer.errors import RequestTimeout
 from smchainer.model_contract import ModelContract, read_contract
 
 
@@ -36,6 +38,8 @@ class ServingContext:
     :ivar media_types: what the registered plugins decode and encode
         (the ``media_types`` hook's answers, merged), for messages that name
         what is supported.
+    :ivar deadline: when this request's time runs out (:func:`time.monotonic`),
+        or None; see :meth:`check_deadline`.
     """
 
     def __init__(self, model_dir: str | None, model: Any = None,
@@ -48,6 +52,7 @@ class ServingContext:
         self._contract = contract
         self.shared: dict[str, Any] = {} if shared is None else shared
         self.request: dict[str, Any] = {}
+        self.deadline: float | None = None
         self._parent: ServingContext | None = None
 
     @property
@@ -65,6 +70,21 @@ class ServingContext:
             else:
                 self._contract = read_contract(self.model_dir)
         return self._contract
+
+    def check_deadline(self, doing: str = "") -> None:
+        """Stop here if this request's time has run out.
+
+        The server has answered such a request with 504 already; a hook that
+        works in steps (images of a batch, batches of a large input) calls
+        this between them, so the worker gives up the abandoned work and
+        serves the next request instead of finishing it for nobody.
+
+        :raises RequestTimeout: once :attr:`deadline` has passed.
+        """
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise RequestTimeout(
+                "the request's time ran out" + (f" while {doing}" if doing else "")
+                + "; its work was abandoned")
 
     def for_request(self) -> ServingContext:
         """A context for one request: this model's, with a fresh :attr:`request`."""

@@ -77,6 +77,12 @@ class ModelNotLoaded(HTTPError):
     status_code = 503
 
 
+class RequestTimeout(HTTPError):
+    """The request's time ran out; its work was abandoned where it stood."""
+
+    status_code = 504
+
+
 def http_status_of(error: BaseException) -> int:
     """The HTTP status for an exception raised while handling a request.
 

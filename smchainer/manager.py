@@ -124,7 +124,7 @@ class Hooks:
 
     def transform(
         self, model: Any, input_data: bytes, content_type: str, accept: str | Sequence[str],
-        context: ServingContext | None = None,
+        context: ServingContext | None = None, deadline: float | None = None,
     ) -> tuple[bytes, str]:
         """One request through the hooks; the body and its media type.
 
@@ -133,10 +133,14 @@ class Hooks:
         client's acceptable ones, best first (see
         :func:`smchainer.content.acceptable_types`): each is tried in turn
         until an output hook does not refuse it with
-        :class:`~smchainer.errors.NotAcceptable`.
+        :class:`~smchainer.errors.NotAcceptable`. With a ``deadline``
+        (:func:`time.monotonic`), the request stops between hooks once it
+        passes, and hooks may stop sooner (``context.check_deadline``).
         """
         accepts = [accept] if isinstance(accept, str) else list(accept)
         context = context if context is not None else self.request_context(model)
+        if deadline is not None:
+            context.deadline = deadline
         refused: list[str] = []
         if self.implements("transform_fn"):
             for media_type in accepts:
@@ -150,8 +154,11 @@ class Hooks:
                     break
                 return answered
         if not refused:
+            context.check_deadline("waiting for the model")
             decoded = self.input_fn(input_data, content_type, context)
+            context.check_deadline("decoding the request")
             prediction = self.predict_fn(decoded, model, context)
+            context.check_deadline("predicting")
             for media_type in accepts:
                 try:
                     return self.output_fn(prediction, media_type, context)

@@ -329,3 +329,33 @@ def test_supported_types_are_gathered_from_the_registered_plugins(plugin_manager
     with pytest.raises(UnsupportedMediaType) as refused:
         Hooks(plugin_manager).transform(Doubler(), b"x", "application/xml", "application/json")
     assert "text/plain" not in str(refused.value)
+
+
+def test_a_request_past_its_deadline_stops_between_hooks(plugin_manager) -> None:
+    import time
+
+    from smchainer.errors import RequestTimeout, http_status_of
+
+    calls: list[str] = []
+
+    class Slow:
+        @hookimpl
+        def input_fn(self, input_data, content_type):
+            calls.append("input_fn")
+            time.sleep(0.2)
+            return np.ones((1, 2), np.float32)
+
+        @hookimpl
+        def predict_fn(self, input_data, model):
+            calls.append("predict_fn")
+            return input_data
+
+    with registered(plugin_manager, Slow(), "slow"):
+        hooks = Hooks(plugin_manager)
+        with pytest.raises(RequestTimeout, match="while decoding the request") as stopped:
+            hooks.transform(Doubler(), b"[1]", "application/json", "application/json",
+                            deadline=time.monotonic() + 0.1)
+        assert http_status_of(stopped.value) == 504
+        assert calls == ["input_fn"]  # predict_fn never ran for the abandoned request
+        assert hooks.transform(Doubler(), b"[1]", "application/json", "application/json",
+                               deadline=time.monotonic() + 30)[1] == "application/json"

@@ -294,7 +294,8 @@ class InferenceApp:
         accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"), self.default_accept,
                                            self.hooks.media_types().encodes)
         body = self.read_body(environ)
-        future = self.runner.submit(lambda: self.infer(model, body, content_type, accepts))
+        future = self.runner.submit(
+            lambda: self.infer(model, body, content_type, accepts, deadline))
         try:
             payload, response_type = future.result(timeout=max(deadline - time.monotonic(), 0))
         except concurrent.futures.TimeoutError:
@@ -358,9 +359,14 @@ class InferenceApp:
             if total > limit:
                 raise self.too_large("more than that")
 
-    def infer(self, model: Any, body: bytes, content_type: str,
-              accepts: list[str]) -> tuple[bytes, str]:
-        """One request through the hooks (:meth:`Hooks.transform`), on this thread's device."""
+    def infer(self, model: Any, body: bytes, content_type: str, accepts: list[str],
+              deadline: float | None = None) -> tuple[bytes, str]:
+        """One request through the hooks (:meth:`Hooks.transform`), on this thread's device.
+
+        Past ``deadline`` the caller has answered 504 already: the hooks stop
+        at their next check (between hooks, between images) and the thread
+        takes the next request.
+        """
         if self.holder.device is not None:
             self.holder.device.use()  # CuPy's current device is per thread
-        return self.hooks.transform(model, body, content_type, accepts)
+        return self.hooks.transform(model, body, content_type, accepts, deadline=deadline)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -23,8 +23,11 @@ from smchainer_image.decode import MAX_PIXELS, InputSpec, decode_pixels, open_im
 MAX_MEMBER_BYTES = 64 * 1024 * 1024
 #: And so is a zip whose members inflate to more than this in all.
 MAX_TOTAL_BYTES = 256 * 1024 * 1024
-#: Images passed at their own size may hold this many pixels in all.
+#: Images passed at their own size may hold this many pixels in all (the batch's memory).
 MAX_BATCH_PIXELS = MAX_PIXELS
+#: And images resized to the model's input this many, counted before decoding (its time:
+#: 256 images of 4096 x 4096 would take a minute to decode on two cores).
+MAX_DECODE_PIXELS = 256 * 1024 * 1024
 
 
 def image_members(archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
@@ -86,28 +89,38 @@ def read_members(body: bytes, max_images: int) -> Iterator[tuple[str, bytes]]:
             yield name, data
 
 
-def decode_zip(body: bytes, spec: InputSpec, max_images: int) -> tuple[np.ndarray, list[str]]:
+def decode_zip(body: bytes, spec: InputSpec, max_images: int,
+               check: Callable[[str], None] | None = None) -> tuple[np.ndarray, list[str]]:
     """A zip of images as an ``N x C x H x W`` float32 batch and the members' names.
 
     Each image is decoded as :func:`smchainer_image.decode.decode_image`
-    does. Without a shape in ``spec`` every image must have the size of the
-    first, and the batch at most :data:`MAX_BATCH_PIXELS` pixels.
+    does. The images may hold at most :data:`MAX_DECODE_PIXELS` pixels in
+    all, counted from their headers before each is decoded; without a shape
+    in ``spec`` every image must have the size of the first, and the batch
+    at most :data:`MAX_BATCH_PIXELS` pixels. ``check(name)`` runs before each
+    image: the server's deadline check, which abandons the work once the
+    request has timed out.
 
     :raises BadRequest: as :func:`read_members`, for any member that is not a
-        good image (naming it), and for images of different sizes.
+        good image (naming it), for images of different sizes, and over the
+        pixel budgets.
     """
     arrays: list[np.ndarray] = []
     names: list[str] = []
+    members = list(read_members(body, max_images))
+    # Every header first (cheap), so the budget holds before one image is decoded.
     pixels = 0
-    for name, data in read_members(body, max_images):
-        image = open_image(data, name)
-        if spec.shape is None:
+    budget = MAX_BATCH_PIXELS if spec.shape is None else MAX_DECODE_PIXELS
+    for name, data in members:
+        with open_image(data, name) as image:
             pixels += image.size[0] * image.size[1]
-            if pixels > MAX_BATCH_PIXELS:
-                image.close()
-                raise BadRequest(f"the images hold more than {MAX_BATCH_PIXELS} pixels in all "
-                                 f"(at {name}); send fewer or smaller images")
-        array = decode_pixels(image, spec, name)
+        if pixels > budget:
+            raise BadRequest(f"the images hold more than {budget} pixels in all "
+                             f"(at {name}); send fewer or smaller images")
+    for name, data in members:
+        if check is not None:
+            check(name)
+        array = decode_pixels(open_image(data, name), spec, name)
         if arrays and array.shape != arrays[0].shape:
             # Only without a shape in the spec: sizes are compared once EXIF rotation is applied.
             raise BadRequest(

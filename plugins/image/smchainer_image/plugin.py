@@ -164,7 +164,9 @@ def input_fn(input_data: bytes, content_type: str, context: ServingContext) -> A
         batch, names = decode_image(input_data, model.spec), None
     elif content_type in ZIP_TYPES:
         model = served_model(context)
-        batch, member_names = decode_zip(input_data, model.spec, model.settings.max_batch)
+        batch, member_names = decode_zip(
+            input_data, model.spec, model.settings.max_batch,
+            check=lambda name: context.check_deadline(f"decoding {name}"))
         names = tuple(member_names)
     else:
         return None

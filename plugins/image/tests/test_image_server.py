@@ -221,3 +221,42 @@ def test_with_the_onnx_plugin_too_a_jpeg_gets_named_top_classes(tmp_path, cifar)
         expected = model_scores(server.model, np.stack([pixels(cifar[n]) for n in names]))
         np.testing.assert_allclose(np.load(io.BytesIO(body)), expected, rtol=1e-4, atol=1e-4)
     assert "through ONNX Runtime" in server.log()
+
+
+def transparent_png(side: int) -> bytes:
+    """A small file that is slow to decode: ``side`` x ``side`` pixels laid on white."""
+    return encode(Image.new("RGBA", (side, side), (0, 0, 0, 0)))
+
+
+def test_work_past_the_timeout_is_abandoned_between_images(tmp_path) -> None:
+    """A zip that takes seconds to decode gets its 504 at the timeout, and the worker is
+    free for the next request within a second of it, not when the decoding would end."""
+    import time
+
+    from image_helpers import forged_png
+
+    # 250 x 1024 x 1024: 262 M pixels, within the budget, and seconds of decoding.
+    members = [(f"{i:03d}.png", transparent_png(1024)) for i in range(250)]
+    body = make_zip(members)
+    buffer = io.BytesIO()
+    np.save(buffer, np.full((1, 3, 32, 32), 0.5, np.float32))
+    small = buffer.getvalue()
+    for server in start_server(tmp_path / "untimed", "image", SMCHAINER_IMAGE_MAX_BATCH="1000"):
+        started = time.monotonic()
+        status, _, _ = server.post(body, "application/zip", "application/x-npy")
+        decode_seconds = time.monotonic() - started
+        assert status == 200 and decode_seconds > 3, decode_seconds  # slow enough to tell
+    for server in start_server(tmp_path / "timed", "image", SMCHAINER_IMAGE_MAX_BATCH="1000",
+                               SAGEMAKER_MODEL_SERVER_TIMEOUT="1"):
+        status, _, answer = server.post(body, "application/zip", "application/x-npy")
+        timed_out = time.monotonic()
+        assert status == 504, answer
+        status, _, answer = server.post(small, "application/x-npy", "application/json")
+        waited = time.monotonic() - timed_out
+        assert status == 200, answer
+        assert waited < 1.0, (waited, decode_seconds)
+        # Over the pixel budget, refused from the headers before decoding anything.
+        bomb = make_zip([(f"{i:03d}.png", forged_png(4096)) for i in range(40)])
+        status, _, answer = server.post(bomb, "application/zip", "application/json")
+        assert status == 400, answer
+        assert "more than 268435456 pixels in all" in json.loads(answer)["error"]
