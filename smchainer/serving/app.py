@@ -79,6 +79,8 @@ class ModelHolder:
         self.error: str | None = None
         self.load_seconds: float | None = None
         self._thread: threading.Thread | None = None
+        #: called once the model is ready (the worker's "ready" marker)
+        self.on_ready: Callable[[], None] | None = None
 
     def start(self, device_spec: str) -> threading.Thread:
         """Run ``model_fn`` on a daemon thread for ``device_spec`` ("cpu" or "gpu:N")."""
@@ -109,6 +111,8 @@ class ModelHolder:
         self.model, self.device = model, device
         self.load_seconds = time.perf_counter() - started
         self.state = "ready"
+        if self.on_ready is not None:
+            self.on_ready()
         logger.info("model loaded from %s on %s in %.2f s",
                     self.model_dir, device_spec, self.load_seconds)
         self.metrics.observe_model_load(self.load_seconds, loaded=True)
@@ -179,6 +183,12 @@ class InferenceApp:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)
         self.runner = InferenceRunner()
+        from smchainer.serving.worker import BodyDeadlines, ReadyMarkers
+
+        #: which workers of the server have their model (see the worker's accept rule)
+        self.ready_markers = ReadyMarkers(settings.metrics_dir)
+        self.holder.on_ready = self.ready_markers.mark
+        self.body_deadlines = BodyDeadlines()
         self.worker = 0
         self.default_accept = content.media_type(settings.default_accept, content.JSON)
         self.routes: dict[str, dict[str, Callable[[dict[str, Any]], Response]]] = {
@@ -335,12 +345,23 @@ class InferenceApp:
         """
         from gunicorn.http.errors import NoMoreData, ParseException
 
+        sock = environ.get("gunicorn.socket")
+        timeout = self.settings.client_timeout
+        token = (self.body_deadlines.watch(sock, time.monotonic() + timeout)
+                 if sock is not None else None)
         try:
-            return self._read_body(environ)
-        except (ParseException, NoMoreData) as error:
+            body = self._read_body(environ)
+        except (ParseException, NoMoreData, OSError) as error:
+            if token is not None and not self.body_deadlines.release(token):
+                raise HTTPError(f"the request body did not arrive within {timeout} s "
+                                "(--client-timeout)", 408) from None
             raise BadRequest(
                 f"the request body could not be read: {type(error).__name__}: {error}"
             ) from None
+        if token is not None and not self.body_deadlines.release(token):
+            raise HTTPError(f"the request body did not arrive within {timeout} s "
+                            "(--client-timeout)", 408)
+        return body
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:
         stream = environ["wsgi.input"]

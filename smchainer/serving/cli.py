@@ -104,6 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"${config.MAX_PAYLOAD_ENV}, else {config.DEFAULT_MAX_PAYLOAD_MB})",
     )
     parser.add_argument(
+        "--client-timeout", metavar="SECONDS",
+        help="a client that has not sent its request line and headers this long after "
+        "connecting (or after its previous answer), or its body as long again, is dropped; "
+        "slow clients never hold a thread meanwhile "
+        f"(default ${config.CLIENT_TIMEOUT_ENV}, else {config.DEFAULT_CLIENT_TIMEOUT})",
+    )
+    parser.add_argument(
         "--max-model-size", metavar="SIZE",
         help="the most a model archive may hold once extracted, such as 500M or 8G; a "
         f"larger one is refused before it is written (default ${config.MAX_MODEL_SIZE_ENV}, "
@@ -155,6 +162,10 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
                    if args.max_payload_mb is not None
                    else config.from_env(config.MAX_PAYLOAD_ENV, config.DEFAULT_MAX_PAYLOAD_MB))
     threads = config.positive_int(args.threads, "--threads")
+    client_timeout = (config.positive_int(args.client_timeout, "--client-timeout")
+                      if args.client_timeout is not None
+                      else config.from_env(config.CLIENT_TIMEOUT_ENV,
+                                           config.DEFAULT_CLIENT_TIMEOUT))
     port = config.positive_int(args.port, "--port") if args.port is not None else None
     host, port = config.parse_bind(args.bind, port)
     default_accept = os.environ.get(config.DEFAULT_ACCEPT_ENV, "").strip() or config.DEFAULT_ACCEPT
@@ -187,7 +198,7 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
         model_dir=model_dir, user_module=user_module, workers=workers, threads=threads,
         timeout=timeout, host=host, port=port, max_payload_mb=max_payload,
         default_accept=default_accept, log_level=log_level, metrics_dir=metrics_dir,
-        auth_token=auth_token,
+        auth_token=auth_token, client_timeout=client_timeout,
     )
 
 

@@ -1,13 +1,14 @@
 """The gunicorn application: smchainer's server through gunicorn's custom-application API.
 
 Worker class: :class:`smchainer.serving.worker.ServingWorker`, gunicorn's
-``gthread`` with protocol errors answered in JSON. A ``sync`` worker handles one connection at a
-time, so while an inference runs its ``/ping`` waits, and the platform's
-2-second health check fails on a busy but healthy worker. With ``gthread``
-the worker's threads keep answering ``/ping`` and ``/metrics`` while its
-inference thread (:class:`smchainer.serving.app.InferenceRunner`) computes;
-gunicorn's own timeout then only catches a worker whose main loop hangs, and
-the request timeout is enforced by the app (504).
+``gthread`` with request heads read on its event loop, health checks answered
+there, and protocol errors in JSON (its docstring says why). A ``sync``
+worker handles one connection at a time, so while an inference runs its
+``/ping`` waits; a threaded worker keeps answering ``/ping`` and
+``/metrics`` while its inference thread
+(:class:`smchainer.serving.app.InferenceRunner`) computes. gunicorn's own
+timeout then only catches a worker whose main loop hangs, and the request
+timeout is enforced by the app (504).
 
 Workers are not preloaded: each worker builds its own plugin manager and
 imports the user's module after the fork (:meth:`ServingApplication.load`),

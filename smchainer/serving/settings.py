@@ -20,6 +20,7 @@ PROGRAM_ENV = "SAGEMAKER_PROGRAM"
 DEFAULT_ACCEPT_ENV = "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT"
 LOG_LEVEL_ENV = "SAGEMAKER_CONTAINER_LOG_LEVEL"
 MAX_MODEL_SIZE_ENV = "SMCHAINER_MAX_MODEL_SIZE"
+CLIENT_TIMEOUT_ENV = "SMCHAINER_CLIENT_TIMEOUT"
 AUTH_TOKEN_ENV = "SMCHAINER_AUTH_TOKEN"
 AUTH_TOKEN_FILE_ENV = "SMCHAINER_AUTH_TOKEN_FILE"
 
@@ -29,6 +30,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_TIMEOUT = 60
 DEFAULT_MAX_PAYLOAD_MB = 6
 DEFAULT_THREADS = 4
+#: Seconds a client has for its request head, and again for its body.
+DEFAULT_CLIENT_TIMEOUT = 10
 DEFAULT_ACCEPT = "application/json"
 #: The most a model archive may hold once extracted (a gzip bomb guard).
 DEFAULT_MAX_MODEL_SIZE = "4G"
@@ -51,6 +54,8 @@ ENVIRONMENT = (
      "default info"),
     (MAX_MODEL_SIZE_ENV, "the most a model archive may hold extracted (--max-model-size), "
      f"such as 500M or 8G; default {DEFAULT_MAX_MODEL_SIZE}"),
+    (CLIENT_TIMEOUT_ENV, "seconds a client has to send its request head, and again its body, "
+     f"before it is dropped (--client-timeout); default {DEFAULT_CLIENT_TIMEOUT}"),
     (AUTH_TOKEN_ENV, "a bearer token that /invocations, /metrics and /execution-parameters "
      "then require (--auth-token-file wins); /ping stays open"),
     (AUTH_TOKEN_FILE_ENV, "a file holding that token (--auth-token-file)"),
@@ -78,6 +83,8 @@ class ServerSettings:
     metrics_dir: Path | None = None
     #: a device for every worker ("cpu", "gpu:0"); None: worker i on GPU i mod n
     device: str | None = None
+    #: seconds a client has for its request head, and again for its body
+    client_timeout: int = DEFAULT_CLIENT_TIMEOUT
     #: the bearer token requests other than /ping must carry; None: no authentication
     auth_token: str | None = field(default=None, repr=False)
 

@@ -1,26 +1,75 @@
-"""smchainer's gunicorn worker: gthread, with protocol errors in JSON and one-line logs.
+"""smchainer's gunicorn worker: gthread, with request heads read on the event loop.
 
-gunicorn answers requests it cannot parse (a bad request line, a negative
-Content-Length, header lines over the limits, a bad chunk size) itself,
-before the app sees them, with an HTML page written by
-:func:`gunicorn.util.write_error`; it offers no setting for that body. A
-worker of this class is a serving process and nothing else, so it replaces
-that function for the process with :func:`write_json_error`: every error a
-client of ``smchainer-serve`` gets is ``{"error": ..., "status": N}``, with
-gunicorn's own status and message. It also gives gunicorn's error log the
-one-line formatter of smchainer's logs (:class:`smchainer.cli.OneLineFormatter`),
-since gunicorn quotes parts of a refused request there.
+Why not gunicorn's plain ``gthread``: it hands every new connection, and
+every kept-alive one that turns readable, to a pool thread that then reads
+the request's head with a blocking socket. A client that connects and sends
+nothing holds a thread for five seconds; one that sends its headers a byte a
+second holds it for as long as it likes; with ``--threads 4`` four such
+clients, or four requests waiting for the model, leave ``/ping`` unanswered
+and the platform's 2-second health check takes a healthy worker out of
+service. This worker keeps the thread pool for work and gives it only
+complete request heads:
+
+- **Heads on the event loop.** A connection's bytes are read, without
+  blocking, by the worker's main loop until the head (request line and
+  headers) is complete; only then is it parsed and handed on. A client gets
+  ``--client-timeout`` seconds for its head (from connecting, or from its
+  previous answer on a kept-alive connection) and is then dropped; an
+  over-long head is a 431. Idle connections cost a file descriptor, never a
+  thread, up to gunicorn's ``worker_connections`` per worker.
+- **Health checks never wait for a thread.** ``GET``/``HEAD /ping`` and
+  ``GET /metrics`` without a body are answered right there on the main loop
+  (both are a state check and a few bytes), so neither slow clients nor a
+  full inference queue can delay them.
+- **Bodies have a deadline too**: see :class:`BodyDeadlines`, which the app
+  uses while it reads a body on a pool thread.
+- **No traffic before the model.** A worker whose model is still loading
+  does not accept connections while another worker of the server is ready
+  (a replacement for a killed worker, say), so clients are not answered 503
+  by it; when no worker is ready, it accepts and says 503 "still loading".
+- **SIGTERM closes the listener at once**, so new connections are refused
+  instead of waiting in the backlog of a worker that will never accept them;
+  requests in flight still finish within the graceful timeout.
+- **Protocol errors in JSON.** gunicorn answers requests it cannot parse
+  itself, with an HTML page written by :func:`gunicorn.util.write_error`,
+  and offers no setting for that body. A worker of this class is a serving
+  process and nothing else, so it replaces that function for the process
+  with :func:`write_json_error`: every error a client of ``smchainer-serve``
+  gets is ``{"error": ..., "status": N}``, with gunicorn's status and
+  message. gunicorn's error log gets the one-line formatter of smchainer's
+  logs, since gunicorn quotes parts of refused requests there.
+
+It builds on ``gthread``'s connection objects and poller (gunicorn 27); the
+request parsing, keep-alive handling, access log and error answers are
+gunicorn's own.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import errno
+import heapq
 import json
 import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 from gunicorn import util
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from smchainer.cli import OneLineFormatter
+
+#: A head longer than this (request line plus every header) is refused with 431.
+MAX_HEAD_BYTES = 64 * 1024
+#: Requests answered on the main loop: a method and path, with no body.
+INLINE_REQUESTS = ((b"GET", b"/ping"), (b"HEAD", b"/ping"), (b"GET", b"/metrics"))
+#: How often a loading worker looks again whether a sibling is ready.
+READY_CHECK_SECONDS = 0.1
 
 
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
@@ -31,12 +80,257 @@ def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None
     util.write_nonblock(sock, head.encode("latin-1") + body)
 
 
+def inline_request(head: bytes) -> bool:
+    """Whether a complete head is a health check or metrics scrape, with no body."""
+    request_line, _, headers = head.partition(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or (parts[0], parts[1]) not in INLINE_REQUESTS:
+        return False
+    lowered = headers.lower()
+    return b"content-length:" not in lowered and b"transfer-encoding:" not in lowered
+
+
+class ReadyMarkers:
+    """Files ``ready-<pid>`` in the server's shared folder: which workers have a model.
+
+    A worker killed with SIGKILL cannot remove its file, so a marker counts
+    only while its process lives.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+
+    def mark(self) -> None:
+        if self.folder is not None:
+            (self.folder / f"ready-{os.getpid()}").touch()
+
+    def clear(self) -> None:
+        if self.folder is not None:
+            (self.folder / f"ready-{os.getpid()}").unlink(missing_ok=True)
+
+    def another_ready(self) -> bool:
+        if self.folder is None:
+            return False
+        for path in self.folder.glob("ready-*"):
+            try:
+                pid = int(path.name.removeprefix("ready-"))
+            except ValueError:
+                continue
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass
+            return True
+        return False
+
+
+class BodyDeadlines:
+    """Ends the reading of request bodies that take longer than their deadline.
+
+    A pool thread reading a body blocks in the socket until the client's
+    bytes arrive; a client sending one byte a second would hold it for ever.
+    :meth:`watch` registers the socket with a deadline; one thread per
+    worker shuts the socket's reading side at the deadline, which ends the
+    blocked read at once (the server can still answer on the socket).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._live: set[int] = set()
+        self._lock = threading.Condition()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, deadline: float) -> int:
+        """Shut ``sock``'s reading side at ``deadline`` unless :meth:`release` comes first."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="smchainer-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._next += 1
+            heapq.heappush(self._heap, (deadline, self._next, sock))
+            self._live.add(self._next)
+            self._lock.notify()
+            return self._next
+
+    def release(self, token: int) -> bool:
+        """Forget ``token``; False when its deadline has already passed (the read was ended)."""
+        with self._lock:
+            if token in self._live:
+                self._live.discard(token)
+                return True
+            return False
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._heap:
+                    self._lock.wait()
+                deadline, token, sock = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._lock.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                if token not in self._live:
+                    continue
+                self._live.discard(token)
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+
 class ServingWorker(ThreadWorker):
-    """The gthread worker with JSON protocol errors and one-line gunicorn logs."""
+    """gthread with heads read on the event loop (see the module docstring)."""
 
     def init_process(self) -> None:
         util.write_error = write_json_error
         for handler in self.log.error_log.handlers:
             current = handler.formatter or logging.Formatter()
             handler.setFormatter(OneLineFormatter(current._fmt, current.datefmt))
+        self._checked_siblings = 0.0
+        self._sibling_ready = False
         super().init_process()
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            markers = getattr(self.wsgi, "ready_markers", None)
+            if markers is not None:
+                markers.clear()
+
+    # -- settings from the app ------------------------------------------------
+
+    @property
+    def client_timeout(self) -> float:
+        settings = getattr(self.wsgi, "settings", None)
+        return float(getattr(settings, "client_timeout", 10))
+
+    def loading(self) -> bool:
+        holder = getattr(self.wsgi, "holder", None)
+        return holder is not None and holder.state in ("waiting", "loading")
+
+    # -- accepting --------------------------------------------------------------
+
+    def hold_back(self) -> bool:
+        """Whether this worker leaves new connections to a sibling that is ready."""
+        if not self.loading():
+            return False
+        now = time.monotonic()
+        if now - self._checked_siblings > READY_CHECK_SECONDS:
+            self._checked_siblings = now
+            markers = getattr(self.wsgi, "ready_markers", None)
+            self._sibling_ready = markers is not None and markers.another_ready()
+        return self._sibling_ready
+
+    def wait_for_and_dispatch_events(self, timeout: float) -> None:
+        if self._accepting and self.alive and self.hold_back():
+            self.set_accept_enabled(False)
+            timeout = min(timeout, READY_CHECK_SECONDS)
+        super().wait_for_and_dispatch_events(timeout)
+
+    def accept(self, listener: Any) -> None:
+        if self.cfg.is_ssl:  # TLS must be unwrapped before a head can be read: gthread's way
+            super().accept(listener)
+            return
+        try:
+            client_sock, client_addr = listener.accept()
+        except OSError as error:
+            if error.errno not in (errno.EAGAIN, errno.ECONNABORTED, errno.EWOULDBLOCK):
+                raise
+            return
+        self.nr_conns += 1
+        conn = TConn(self.cfg, client_sock, client_addr, listener.getsockname())
+        self.await_head(conn)
+
+    def handle_exit(self, sig: Any, frame: Any) -> None:
+        """SIGTERM: stop listening at once (new connections are refused), finish the rest."""
+        if self.alive:
+            self.method_queue.defer(self.close_listeners)
+        super().handle_exit(sig, frame)
+
+    def close_listeners(self) -> None:
+        self.set_accept_enabled(False)
+        for listener in self.sockets:
+            try:
+                listener.close()
+            except OSError:
+                pass
+
+    # -- request heads on the main loop ---------------------------------------
+
+    def await_head(self, conn: TConn) -> None:
+        """Read ``conn``'s next head on the main loop, within the client timeout."""
+        conn.sock.setblocking(False)
+        conn.head = bytearray()
+        conn.timeout = time.monotonic() + self.client_timeout
+        self.pending_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_head_bytes, conn))
+
+    def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
+        """A kept-alive connection has its next request coming: read its head here too."""
+        if self.cfg.is_ssl:
+            super().on_client_socket_readable(conn, client)
+            return
+        self.poller.unregister(client)
+        self.keepalived_conns.remove(conn)
+        self.await_head(conn)
+
+    def _drop_pending(self, conn: TConn) -> None:
+        try:
+            self.poller.unregister(conn.sock)
+        except (OSError, KeyError, ValueError):
+            pass
+        try:
+            self.pending_conns.remove(conn)
+        except ValueError:
+            pass
+
+    def on_head_bytes(self, conn: TConn, sock: Any) -> None:
+        try:
+            data = sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away
+            self._drop_pending(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        conn.head += data
+        if b"\r\n\r\n" not in conn.head:
+            if len(conn.head) > MAX_HEAD_BYTES:
+                self._drop_pending(conn)
+                self.nr_conns -= 1
+                try:
+                    write_json_error(sock, 431, "Request Header Fields Too Large",
+                                     f"the request head is over {MAX_HEAD_BYTES} bytes")
+                except OSError:
+                    pass
+                conn.close()
+            return
+        self._drop_pending(conn)
+        head = bytes(conn.head)
+        del conn.head
+        conn.sock.setblocking(True)
+        conn.init()
+        conn.parser.unreader.unread(head)
+        conn.data_ready = True
+        if inline_request(head):
+            future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            try:
+                future.set_result(self.handle(conn))
+            except BaseException as error:  # handle() answers errors itself; this is a last guard
+                future.set_exception(error)
+            self.finish_request(conn, future)
+        else:
+            self.enqueue_req(conn)

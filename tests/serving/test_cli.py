@@ -14,8 +14,8 @@ from tests.conftest import command
 from tests.serving.conftest import MODEL_FN, make_model_dir
 
 OPTIONS = ["--model-dir", "--entry-point", "--workers", "--threads", "--timeout", "--bind",
-           "--port", "--max-payload-mb", "--max-model-size", "--auth-token-file", "--log-level",
-           "--endpoint-url", "--debug", "--version"]
+           "--port", "--max-payload-mb", "--max-model-size", "--auth-token-file",
+           "--client-timeout", "--log-level", "--endpoint-url", "--debug", "--version"]
 
 
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
