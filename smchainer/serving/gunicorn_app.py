@@ -19,6 +19,7 @@ picks its GPU.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
@@ -26,6 +27,11 @@ from gunicorn.app.base import BaseApplication
 from smchainer.serving.settings import GRACEFUL_TIMEOUT, ServerSettings
 
 logger = logging.getLogger(__name__)
+
+WORKER_CLASS = "smchainer.serving.worker.ServingWorker"
+#: Another gunicorn worker class instead (``gthread``), for comparisons such as
+#: ``benchmarks/serving_faults.py``'s; the server's guarantees hold with the default only.
+WORKER_CLASS_ENV = "SMCHAINER_WORKER_CLASS"
 
 
 def build_app(settings: ServerSettings) -> Any:
@@ -73,7 +79,7 @@ class ServingApplication(BaseApplication):
         return {
             "bind": [settings.bind],
             "workers": settings.workers,
-            "worker_class": "smchainer.serving.worker.ServingWorker",
+            "worker_class": os.environ.get(WORKER_CLASS_ENV, WORKER_CLASS),
             "threads": settings.threads,
             "timeout": settings.timeout,
             "graceful_timeout": min(GRACEFUL_TIMEOUT, settings.timeout),

@@ -62,6 +62,8 @@ ENVIRONMENT = (
     ("SMCHAINER_LOAD_PLUGINS", "comma-separated names: load only these installed plugins"),
     ("SMCHAINER_DISABLE_PLUGIN_AUTOLOAD", "1: load no installed plugin"),
     ("SMCHAINER_DEVICE", "cpu: keep every worker on the CPU even when GPUs are visible"),
+    ("SMCHAINER_WORKER_CLASS", "another gunicorn worker class (gthread), for comparisons only: "
+     "the slow-client guarantees hold with the default"),
     ("AWS_ENDPOINT_URL", "S3-compatible endpoint for an s3:// --model-dir (--endpoint-url wins)"),
 )
 

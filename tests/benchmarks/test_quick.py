@@ -258,3 +258,26 @@ def test_asking_for_a_missing_gpu_is_an_error(tmp_path, cifar10):
     assert done.returncode == 1
     assert done.stderr.startswith("Error: --device gpu, but no usable GPU"), done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_fault_benchmark_records_both_servers(tmp_path):
+    """serving_faults.py --quick: a kill and a SIGTERM per server, every figure recorded."""
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "serving_faults.py"), "--quick", "--seconds", "6",
+         "--idle", "20", "--slow-heads", "8", "--slow-bodies", "2",
+         "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    record = only_record(tmp_path, "serving_faults")
+    assert_context(record)
+    runs = {run["name"]: run for run in record["runs"]}
+    assert set(runs) == {"smchainer", "gthread"}
+    for run in runs.values():
+        assert run["sigkill_at_s"] < run["sigterm_at_s"] < run["sigterm_at_s"] + \
+            run["exited_after_sigterm_s"]
+        steady = run["phases"]["steady"]
+        assert steady["requests"] > 0 and steady["ping_probes"] > 0
+        assert 0 <= run["ping_over_1s_share"] <= 1
+    assert set(record["ratios"]) == {"ping_over_1s_share_smchainer_vs_gthread",
+                                     "responses_503_smchainer_vs_gthread"}
