@@ -117,7 +117,7 @@ def classify(path: Path, data: Any, folder_env: dict[Path, dict[str, Any]]) -> R
         else:
             machine = _cpu_label(data.get("machine") or data.get("host"))
         return Record(path, kind, data, when, machine, commit, _load(data.get("machine")))
-    if kind in ("inference_throughput", "serving_load", "mpi_scaling"):
+    if kind in ("inference_throughput", "serving_load", "mpi_scaling", "serving_faults"):
         machine = _cpu_label(data.get("machine"))
         if kind == "mpi_scaling" and data.get("device") == "gpu":
             machine = (data.get("gpu") or {}).get("gpu_name") or "unknown GPU"
@@ -362,6 +362,30 @@ def serving_rows(records: list[Record]) -> list[list[Any]]:
     return rows
 
 
+def faults_rows(records: list[Record]) -> list[list[Any]]:
+    """One row per fault record and server: /ping, failures, recovery, SIGTERM."""
+    rows = []
+    for r in records:
+        if r.kind != "serving_faults":
+            continue
+        for run in r.data.get("runs", []):
+            phases = run.get("phases", {})
+            answered = sum(phases.get(p, {}).get("outcomes", {}).get("200", 0)
+                           for p in ("steady", "after_sigkill"))
+            probes = sum(phases.get(p, {}).get("ping_probes", 0)
+                         for p in ("steady", "after_sigkill"))
+            over = sum(phases.get(p, {}).get("ping_over_1s", 0)
+                       for p in ("steady", "after_sigkill"))
+            refused = run.get("refused_after_sigterm_s")
+            rows.append([r.date, r.machine, run.get("name"), answered, f"{over} of {probes}",
+                         run.get("ping_p99_ms_before_sigterm"), run.get("responses_503"),
+                         run.get("failed_requests"), run.get("recovery_s"),
+                         "no" if refused is None else f"{refused} s",
+                         run.get("exited_after_sigterm_s"), load_text(r), commit_text(r),
+                         r.source])
+    return rows
+
+
 def serving_detail(records: list[Record]) -> str:
     """Every cell of the latest serving record."""
     latest = [r for r in records if r.kind == "serving_load"]
@@ -414,6 +438,18 @@ def render(records: list[Record], skipped: dict, plots: list[str], plot_prefix: 
     detail = serving_detail(records)
     if detail:
         parts.append(detail)
+    faults = faults_rows(records)
+    if faults:  # a run of its own, not part of run_all.py
+        parts += ["", "### Serving under faults (`serving_faults.py`: slow clients, SIGKILL, "
+                  "SIGTERM)", "",
+                  "Before SIGTERM: requests answered 200, /ping probes over 1 s (or "
+                  "unanswered), /ping p99; then the 503s, failed requests, seconds from the "
+                  "SIGKILL to the replacement's model, and after SIGTERM how soon new "
+                  "connections were refused and when the server exited.", "",
+                  table(["date", "machine", "worker", "answered", "/ping > 1 s",
+                         "/ping p99 ms", "503s", "failed", "recovery s",
+                         "refused after SIGTERM", "exit s", "load", "commit", "record"],
+                        faults)]
     if plots:
         parts += ["### Plots", ""] + [f"![{p}]({plot_prefix}/{p})" for p in plots] + [""]
     if skipped["unrecognised"] or skipped["unreadable"]:
