@@ -51,6 +51,7 @@ import numpy as np
 
 import smchainer  # noqa: F401  (Chainer's NumPy 2 compat before chainer loads)
 from smchainer.cli import ArgumentParser, add_common_arguments, run
+from smchainer.testing import send_slowly
 
 WORKERS = {"smchainer": None, "gthread": "gthread"}
 PROBE_EVERY = 0.25
@@ -114,7 +115,7 @@ class Run:
             return str(response.status)
         except ConnectionRefusedError:
             return "refused"
-        except OSError as error:
+        except (OSError, http.client.HTTPException) as error:  # a worker killed mid-answer
             return type(error).__name__
         finally:
             connection.close()
@@ -140,7 +141,7 @@ class Run:
                 response = connection.getresponse()
                 response.read()
                 seconds = time.monotonic() - started if response.status == 200 else None
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 seconds = None
             finally:
                 connection.close()
@@ -151,19 +152,8 @@ class Run:
     def slow_client(self, payload: bytes) -> None:
         """Send ``payload`` a byte every 0.5 s; reconnect when dropped."""
         while not self.stop_event.is_set():
-            try:
-                sock = socket.create_connection(("127.0.0.1", self.port), timeout=5)
-            except OSError:
+            if not send_slowly(self.port, payload, self.stop_event, 0.5):
                 self.stop_event.wait(0.5)
-                continue
-            with sock:
-                for byte in payload:
-                    if self.stop_event.wait(0.5):
-                        return
-                    try:
-                        sock.sendall(bytes([byte]))
-                    except OSError:
-                        break
 
     def idle_clients(self) -> None:
         held: list[socket.socket] = []

@@ -28,6 +28,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,7 +43,7 @@ import pytest
 from smchainer.api.endpoint import free_port
 
 __all__ = ["Reply", "ServerProcess", "free_port", "gpus", "plugin_manager", "registered",
-           "require_gpu", "serving"]
+           "require_gpu", "send_slowly", "serving"]
 
 @pytest.fixture
 def plugin_manager():
@@ -194,6 +195,20 @@ class ServerProcess:
         except OSError:
             return 0
 
+    def wait_loaded(self, timeout: float = 60) -> Reply:
+        """Until ``/ping`` stops saying "still loading": its last answer.
+
+        200 once the model is loaded, or the 503 that says why loading failed.
+        """
+        self.wait_listening(timeout)
+        deadline = time.monotonic() + timeout
+        while "still loading" in (reply := self.request("GET", "/ping")).body.decode():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the model was still loading after {timeout} s:\n"
+                                     f"{self.log()}")
+            time.sleep(0.05)
+        return reply
+
     def wait_listening(self, timeout: float = 60) -> None:
         """Until the server answers HTTP at all (maybe 503 while loading)."""
         self._wait(lambda reply: True, timeout)
@@ -227,6 +242,27 @@ class ServerProcess:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def send_slowly(port: int, data: bytes, stop: Any, every: float = 0.5) -> bool:
+    """Connect to ``port`` and send ``data`` a byte every ``every`` seconds, as a slow client.
+
+    Stops early when the ``threading.Event`` ``stop`` is set; False when the
+    connection failed or the server dropped it before the last byte.
+    """
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    except OSError:
+        return False
+    with sock:
+        for byte in data:
+            if stop.wait(every):
+                return True
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return False
+    return True
 
 
 @contextmanager

@@ -72,11 +72,7 @@ def test_ping_is_503_until_the_model_is_loaded_and_never_blocks(start_server, sl
 def test_a_failed_model_fn_keeps_ping_at_503_with_the_reason(start_server, tmp_path):
     model_dir = make_model_dir(tmp_path / "model", code=FAILING_CODE)
     server = start_server(["--model-dir", str(model_dir), "--workers", "1"], ready=False)
-    server.wait_listening()
-    deadline = time.monotonic() + 30
-    while "still loading" in (reply := server.request("GET", "/ping")).body.decode():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    reply = server.wait_loaded(30)
     assert reply.status == 503
     assert "FileNotFoundError: weights.npz is missing" in reply.json()["error"]
     invocation = server.post(b"[[1, 2, 3, 4]]", "application/json")
@@ -168,11 +164,7 @@ def test_a_pickled_model_npz_is_refused_and_its_payload_never_runs(start_server,
     env = {"SAGEMAKER_PROGRAM": "train.py"} if code else {}
     server = start_server(["--model-dir", str(model_dir), "--workers", "1"], env=env,
                           ready=False)
-    server.wait_listening()
-    deadline = time.monotonic() + 60
-    while "still loading" in (reply := server.request("GET", "/ping")).body.decode():
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    reply = server.wait_loaded(60)
     assert reply.status == 503
     message = reply.json()["error"]
     assert "model.npz is not an .npz archive" in message, message

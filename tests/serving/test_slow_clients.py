@@ -6,6 +6,7 @@ sockets, so that they can be as slow or as silent as an attacker's.
 """
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import time
 
 import pytest
 
+from smchainer.testing import send_slowly
 from tests.serving.conftest import MODEL_FN, inputs, make_model_dir, npy_bytes
 
 SLOW_PREDICT = MODEL_FN + '''
@@ -73,26 +75,10 @@ def test_ping_answers_while_100_idle_connections_are_held(server) -> None:
             sock.close()
 
 
-def trickle(port: int, data: bytes, stop: threading.Event, every: float = 0.5) -> None:
-    """Send ``data`` a byte at a time, one byte every ``every`` seconds."""
-    try:
-        sock = connect(port)
-    except OSError:
-        return
-    with sock:
-        for byte in data:
-            if stop.wait(every):
-                return
-            try:
-                sock.sendall(bytes([byte]))
-            except OSError:
-                return
-
-
 def test_ping_answers_while_50_clients_send_headers_a_byte_at_a_time(server) -> None:
     stop = threading.Event()
     head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\r\n"
-    clients = [threading.Thread(target=trickle, args=(server.port, head, stop), daemon=True)
+    clients = [threading.Thread(target=send_slowly, args=(server.port, head, stop), daemon=True)
                for _ in range(50)]
     for client in clients:
         client.start()
@@ -201,7 +187,7 @@ def test_a_replacement_worker_takes_no_traffic_before_its_model(start_server, tm
             try:
                 statuses.append(server.post(body, "application/x-npy", "application/x-npy",
                                             timeout=10).status)
-            except OSError as error:
+            except (OSError, http.client.HTTPException) as error:  # held by the killed worker
                 statuses.append(type(error).__name__)
 
     clients = [threading.Thread(target=load, daemon=True) for _ in range(4)]
