@@ -42,14 +42,22 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from smchainer.cli import setup_package_logging
 from smchainer.errors import SmchainerError, UsageError
 from smchainer.training.config import JobSpec, resolve_job
 from smchainer.training.mpi import detect_world, under_mpirun
-from smchainer.training.runner import run_job, write_failure
+from smchainer.training.runner import (
+    SIGINT_EXIT,
+    SIGTERM_EXIT,
+    Terminated,
+    run_job,
+    write_failure,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +126,17 @@ def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
     command = mpirun_command(spec, env)
     print(f"smchainer-train: running {shlex.join(command)}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env=env)
+    terminated = False
+
+    def forward_sigterm(signum: int, frame: Any) -> None:
+        nonlocal terminated
+        terminated = True
+        process.send_signal(signal.SIGTERM)  # mpirun passes it on to every rank
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward_sigterm) if in_main else None
     try:
-        return process.wait()
+        code = process.wait()
     except KeyboardInterrupt:
         process.send_signal(signal.SIGINT)
         try:
@@ -128,6 +145,12 @@ def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
             process.kill()
             process.wait()
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated:
+        raise Terminated()
+    return code
 
 
 def run(spec: JobSpec, log_level: int = logging.INFO) -> int:
@@ -157,7 +180,22 @@ def run_with_mpirun(spec: JobSpec, log_level: int = logging.INFO) -> int:
     output = spec.job_dir / "output"
     for stale in ("success", "failure"):
         (output / stale).unlink(missing_ok=True)
-    code = launch(spec)
+    try:
+        code = launch(spec)
+    except (KeyboardInterrupt, Terminated) as stop:
+        name, exit_code = (("SIGINT (Ctrl-C)", SIGINT_EXIT) if isinstance(stop, KeyboardInterrupt)
+                           else ("SIGTERM", SIGTERM_EXIT))
+        # The launcher knows what stopped the job; what the ranks saw (mpirun passes
+        # SIGINT on as SIGTERM) follows below it.
+        failure = output / "failure"
+        ranks = failure.read_text() if failure.exists() else ""
+        failure.unlink(missing_ok=True)
+        write_failure(output, f"Interrupted: {name}\nExit code: {exit_code}\n"
+                      + (f"\nWhat the ranks reported:\n{ranks}" if ranks else ""))
+        # On a line of its own: mpirun's abort report may leave one unfinished.
+        print(f"\nError: the job was interrupted by {name}; see {output / 'failure'}",
+              file=sys.stderr)
+        return exit_code
     if code == 0 and (output / "success").exists():
         return 0
     reason = (f"mpirun exited with status {code}" if code != 0 else

@@ -29,6 +29,7 @@ import runpy
 import secrets
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -53,6 +54,19 @@ MARKER = ".smchainer-prepared"
 ABORT_ENV = "CHAINERMN_FORCE_ABORT_ON_EXCEPTION"
 CHECKPOINT_ENV = "SMCHAINER_CHECKPOINT_DIR"
 _COPY_IGNORED = {"__pycache__", ".git", ".venv", ".pytest_cache"}
+
+
+#: Exit codes of interrupted jobs, as a shell reports them (128 + the signal).
+SIGINT_EXIT = 130
+SIGTERM_EXIT = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a scheduler's preemption, ``kill``): the job stops where it is."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class UserCodeFailed(Exception):
@@ -262,24 +276,61 @@ def _user_frames(tb: TracebackType | None, script: Path) -> TracebackType | None
     return tb
 
 
+class StderrTail:
+    """``sys.stderr`` as it is, keeping the last lines written through it.
+
+    A script that exits through argparse (``--epochs 1.5`` for an int) says
+    why only on stderr; the failure's reason needs those lines, since with
+    ``fit(logs=False)`` nobody sees the log.
+    """
+
+    def __init__(self, stream: Any, lines: int = TAIL_LINES) -> None:
+        self.stream = stream
+        self.lines: collections.deque[str] = collections.deque(maxlen=lines)
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        pieces = (self._partial + text).split("\n")
+        self._partial = pieces.pop()
+        self.lines.extend(piece for piece in pieces if piece.strip())
+        return len(text)
+
+    def tail(self) -> list[str]:
+        return [*self.lines, *([self._partial] if self._partial.strip() else [])]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def run_python_script(script: Path, args: list[str], cwd: Path) -> None:
-    """Run ``script`` as ``__main__`` in this process; raise :class:`UserCodeFailed`."""
+    """Run ``script`` as ``__main__`` in this process; raise :class:`UserCodeFailed`.
+
+    A non-zero exit's reason ends with the last line the script wrote to
+    stderr (argparse's message, for a bad argument) and keeps its last lines.
+    """
     command = shlex.join(["python", script.name, *args])
     saved_argv, saved_path, saved_cwd = sys.argv[:], sys.path[:], os.getcwd()
+    saved_stderr = sys.stderr
     sys.argv = [str(script), *args]
     sys.path.insert(0, str(script.parent))
     os.chdir(cwd)
+    stderr = sys.stderr = StderrTail(saved_stderr)
     try:
         runpy.run_path(str(script), run_name="__main__")
     except SystemExit as exit_:
         code = exit_.code
         if code is None or code == 0:
             return
+        tail = stderr.tail()
         if isinstance(code, int):
-            raise UserCodeFailed("SystemExit", f"the script exited with status {code}",
-                                 code, [], command) from None
+            said = f": {tail[-1].strip()}" if tail else ""
+            raise UserCodeFailed("SystemExit", f"the script exited with status {code}{said}",
+                                 code, tail, command) from None
         print(code, file=sys.stderr)
-        raise UserCodeFailed("SystemExit", str(code), 1, [], command) from None
+        raise UserCodeFailed("SystemExit", str(code), 1, tail, command) from None
+    except (KeyboardInterrupt, Terminated):
+        raise  # the job was interrupted, not failed by the script: run_job names the signal
     except BaseException as error:
         lines = traceback.format_exception(type(error), error,
                                            _user_frames(error.__traceback__, script))
@@ -287,6 +338,7 @@ def run_python_script(script: Path, args: list[str], cwd: Path) -> None:
         tail = "".join(lines).splitlines()[-TAIL_LINES:]
         raise UserCodeFailed(type(error).__name__, str(error), 1, tail, command) from None
     finally:
+        sys.stderr = saved_stderr
         sys.argv = saved_argv
         sys.path[:] = saved_path
         os.chdir(saved_cwd)
@@ -380,10 +432,16 @@ def failure_text(error: BaseException, world: World) -> tuple[str, int]:
         if error.tail:
             lines += ["", "Last lines:", *error.tail]
         return "\n".join(lines) + "\n", 1
+    if isinstance(error, KeyboardInterrupt):  # Ctrl-C, or SIGINT from a scheduler
+        text = f"Interrupted: SIGINT (Ctrl-C) ({where(world)})\nExit code: {SIGINT_EXIT}\n"
+        return text, SIGINT_EXIT
+    if isinstance(error, Terminated):
+        text = f"Interrupted: SIGTERM ({where(world)})\nExit code: {SIGTERM_EXIT}\n"
+        return text, SIGTERM_EXIT
     message = f"{type(error).__name__}: {error}"[:FIRST_LINE_LIMIT]
     trace = traceback.format_exception(type(error), error, error.__traceback__)
-    code = getattr(error, "exit_code", None) or getattr(error, "errno", None) or 1
-    code = code if isinstance(code, int) and 0 < code < 256 else 1
+    # One policy: 2 for usage errors, 1 for every other failure (never an errno).
+    code = error.exit_code if isinstance(error, SmchainerError) else 1
     text = f"Framework Error: {message} ({where(world)})\n\n" + "".join(trace)
     return text, code
 
@@ -405,6 +463,8 @@ def run_job(spec: JobSpec, world: World, log_level: int = logging.INFO) -> int:
     spec.job_name = world.bcast(spec.job_name or new_job_name())
     resolve_job(spec)
     assert spec.job_dir is not None
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     try:
         env = build_env(spec, world, log_level)
         prepare(spec, env, world)
@@ -429,3 +489,6 @@ def run_job(spec: JobSpec, world: World, log_level: int = logging.INFO) -> int:
             traceback.print_exception(type(error), error, error.__traceback__)
         world.abort(code)
         return code
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)

@@ -29,7 +29,7 @@ def test_stop_interrupts_a_running_job(tmp_path):
     job.stop()
     assert time.monotonic() - began < 10
     assert job.status == "Stopped" and not alive(job.process.pid)
-    assert job.failure_reason.startswith("KeyboardInterrupt")
+    assert job.failure_reason.startswith("Interrupted: SIGINT")  # the signal, named
     assert job.describe()["TrainingJobStatus"] == "Stopped"
 
 
