@@ -254,3 +254,17 @@ def test_training_hyperparameter_errors_reach_the_user(tmp_path, cifar_npz_chann
     with pytest.raises(SmchainerError, match="unknown hyperparameter 'epoch'"):
         run(tmp_path / "job", cifar_npz_channels, epoch=3)
     assert vgg_hp.HYPERPARAMETERS["epochs"][1] == 50
+
+
+def test_a_snapshot_of_another_width_names_the_arrays_and_hyperparameters(
+        tmp_path, cifar_npz_channels) -> None:
+    tiny = {**SMALL, "train-samples": 64, "test-samples": 32, "batch-size": 32,
+            "cache-dir": str(tmp_path / "cache")}
+    run(tmp_path / "job", cifar_npz_channels, epochs=1, **{**tiny, "width": 0.0625})
+    with pytest.raises(SmchainerError) as refused:
+        run(tmp_path / "job", cifar_npz_channels, epochs=2, **tiny)
+    message = str(refused.value)
+    assert "snapshot_iter_2.rank0of1.npz does not fit this job's model" in message, message
+    assert "arrays differ" in message and "in the snapshot" in message
+    assert "width 0.0625 then, 0.125 now" in message
+    assert "epochs" not in message  # a longer run is what resuming is for

@@ -5,6 +5,7 @@ trainer saves, so resuming needs nothing else.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import chainer
+import numpy as np
 from chainer import serializers
 from chainer.training import extensions
 
@@ -26,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 #: Share of training spent warming up under the one-cycle schedule.
 ONECYCLE_WARMUP = 0.3
+#: Hyperparameters a resumed run may change (how long, how often, where): not a misfit's cause.
+RESUMABLE = frozenset({"epochs", "iterations", "progress-bar", "checkpoint-every",
+                       "keep-checkpoints", "cache-dir", "eval-batch-size"})
 SNAPSHOT_PATTERN = re.compile(r"^snapshot_iter_(\d+)\.rank(\d+)of(\d+)\.npz$")
 
 
@@ -117,11 +122,16 @@ class Checkpointer:
     priority = -100  # after LogReport has written the log of this iteration
     name = "Checkpointer"
 
-    def __init__(self, folder: Path, rank: int, size: int, keep: int) -> None:
+    #: A member of each snapshot: the hyperparameters of the job that wrote it (JSON bytes).
+    HYPERPARAMETERS_KEY = "smchainer/hyperparameters"
+
+    def __init__(self, folder: Path, rank: int, size: int, keep: int,
+                 hyperparameters: dict | None = None) -> None:
         self.folder = folder
         self.rank = rank
         self.size = size
         self.keep = keep
+        self.hyperparameters = dict(hyperparameters or {})
 
     def _iterations(self) -> list[int]:
         if not self.folder.is_dir():
@@ -141,7 +151,15 @@ class Checkpointer:
         iteration = trainer.updater.iteration
         target = self.path(iteration)
         temporary = target.with_name(target.name + ".tmp")
-        serializers.save_npz(str(temporary), trainer)
+        # Chainer's save_npz, plus the job's hyperparameters as one more (non-pickled)
+        # member, which loading ignores and a misfit's message reads.
+        state = serializers.DictionarySerializer()
+        state.save(trainer)
+        arrays = dict(state.target)
+        arrays[self.HYPERPARAMETERS_KEY] = np.frombuffer(
+            json.dumps(self.hyperparameters).encode(), dtype=np.uint8)
+        with open(temporary, "wb") as file:
+            np.savez_compressed(file, **arrays)
         os.replace(temporary, target)
         for old in self._iterations()[:-self.keep]:
             self.path(old).unlink(missing_ok=True)
@@ -185,7 +203,10 @@ class Checkpointer:
                 os.replace(damaged, damaged.with_name(damaged.name + ".damaged"))
             if any(p is not None for p in problems):
                 continue
-            load_npz(str(self.path(iteration)), trainer)
+            try:
+                load_npz(str(self.path(iteration)), trainer)
+            except (ValueError, KeyError, TypeError) as error:
+                raise SmchainerError(self.misfit(iteration, trainer, error)) from None
             if self.rank == 0:
                 logger.info("resumed from the snapshot at iteration %d in %s", iteration,
                             self.folder)
@@ -194,6 +215,41 @@ class Checkpointer:
             logger.warning("no snapshot in %s could be loaded: training starts from the beginning",
                            self.folder)
         return 0
+
+
+    def misfit(self, iteration: int, trainer, error: Exception) -> str:
+        """Why a sound snapshot does not fit this job's model: arrays and hyperparameters."""
+        path = self.path(iteration)
+        expected = serializers.DictionarySerializer()
+        # The updater holds the model and the optimizer (the trainer's own state
+        # cannot be serialised before training starts).
+        trainer.updater.serialize(expected["updater"])
+        differing = []
+        with SafeNpz(path) as npz:
+            for key, array in expected.target.items():
+                if key not in npz:
+                    differing.append(f"{key} missing")
+                elif getattr(array, "shape", None) != npz[key].shape:
+                    differing.append(f"{key}: {npz[key].shape} in the snapshot, "
+                                     f"{array.shape} in the model")
+        message = f"snapshot {path} does not fit this job's model"
+        if differing:
+            message += (f": {len(differing)} arrays differ (" + "; ".join(differing[:3])
+                        + (", ..." if len(differing) > 3 else "") + ")")
+        else:
+            message += f": {error}"
+        with SafeNpz(path) as npz:
+            before = (json.loads(npz[self.HYPERPARAMETERS_KEY].tobytes())
+                      if self.HYPERPARAMETERS_KEY in npz else None)
+        if before:
+            changed = [f"{name} {before.get(name)!r} then, {value!r} now"
+                       for name, value in self.hyperparameters.items()
+                       if name in before and before[name] != value and name not in RESUMABLE]
+            if changed:
+                message += "; hyperparameters that differ from the snapshot's job: " + \
+                    ", ".join(changed)
+        return message + ("; train with the same hyperparameters, or start a fresh job "
+                          "(another --job-dir or --checkpoint-dir)")
 
 
 def report_progress(trainer, progress_bar: bool) -> None:

@@ -99,7 +99,7 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     if master:
         report_progress(trainer, hp["progress-bar"])
     every = (hp["checkpoint-every"], "iteration") if hp["checkpoint-every"] else (1, "epoch")
-    checkpointer = Checkpointer(checkpoints, env.rank, env.size, hp["keep-checkpoints"])
+    checkpointer = Checkpointer(checkpoints, env.rank, env.size, hp["keep-checkpoints"], hp)
     trainer.extend(checkpointer, trigger=every)
 
     checkpointer.resume(trainer, comm)
