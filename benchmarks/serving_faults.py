@@ -51,17 +51,11 @@ import numpy as np
 
 import smchainer  # noqa: F401  (Chainer's NumPy 2 compat before chainer loads)
 from smchainer.cli import ArgumentParser, add_common_arguments, run
-from smchainer.testing import send_slowly
+from smchainer.testing import free_port, send_slowly
 
 WORKERS = {"smchainer": None, "gthread": "gthread"}
 PROBE_EVERY = 0.25
 PROBE_TIMEOUT = 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def save_vgg(model_dir: Path) -> None:

@@ -43,13 +43,12 @@ class ServingContext:
     """
 
     def __init__(self, model_dir: str | None, model: Any = None,
-                 contract: ModelContract | None = None,
                  shared: dict[str, Any] | None = None,
                  media_types: MediaTypes = NUMPY_MEDIA_TYPES) -> None:
         self.model_dir = model_dir
         self.model = model
         self.media_types = media_types
-        self._contract = contract
+        self._contract: ModelContract | None = None
         self.shared: dict[str, Any] = {} if shared is None else shared
         self.request: dict[str, Any] = {}
         self.deadline: float | None = None

@@ -129,6 +129,15 @@ class SafeNpz(Mapping[str, np.ndarray]):
         return array
 
 
+def read_npz(file: str | os.PathLike[str] | IO[bytes]) -> dict[str, np.ndarray]:
+    """Every member of an ``.npz`` file, read as :class:`SafeNpz` reads them.
+
+    :raises UnsafeFileError: as :func:`load_npz`.
+    """
+    with SafeNpz(file) as npz:
+        return {key: npz[key] for key in npz}
+
+
 def load_npz(file: str | os.PathLike[str] | IO[bytes], obj: Any, path: str = "",
              strict: bool = True, ignore_names: Any = None) -> None:
     """Load ``obj`` from an ``.npz`` file as :func:`chainer.serializers.load_npz` does, safely.

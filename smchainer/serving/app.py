@@ -15,10 +15,13 @@ client only when debug logging is on.
 from __future__ import annotations
 
 import concurrent.futures
+import heapq
 import hmac
 import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 import traceback
@@ -173,6 +176,103 @@ class InferenceRunner:
                 future.set_exception(error)
 
 
+class ReadyMarkers:
+    """Files ``ready-<pid>`` in the server's shared folder: which workers have a model.
+
+    A worker killed with SIGKILL cannot remove its file, so a marker counts
+    only while its process lives.
+    """
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+
+    def mark(self) -> None:
+        if self.folder is not None:
+            (self.folder / f"ready-{os.getpid()}").touch()
+
+    def clear(self) -> None:
+        if self.folder is not None:
+            (self.folder / f"ready-{os.getpid()}").unlink(missing_ok=True)
+
+    def another_ready(self) -> bool:
+        if self.folder is None:
+            return False
+        for path in self.folder.glob("ready-*"):
+            try:
+                pid = int(path.name.removeprefix("ready-"))
+            except ValueError:
+                continue
+            if pid == os.getpid():
+                continue
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                path.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass
+            return True
+        return False
+
+
+class BodyDeadlines:
+    """Ends the reading of request bodies that take longer than their deadline.
+
+    A pool thread reading a body blocks in the socket until the client's
+    bytes arrive; a client sending one byte a second would hold it for ever.
+    :meth:`watch` registers the socket with a deadline; one thread per
+    worker shuts the socket's reading side at the deadline, which ends the
+    blocked read at once (the server can still answer on the socket).
+    """
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, socket.socket]] = []
+        self._live: set[int] = set()
+        self._lock = threading.Condition()
+        self._next = 0
+        self._thread: threading.Thread | None = None
+
+    def watch(self, sock: socket.socket, deadline: float) -> int:
+        """Shut ``sock``'s reading side at ``deadline`` unless :meth:`release` comes first."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="smchainer-deadlines",
+                                                daemon=True)
+                self._thread.start()
+            self._next += 1
+            heapq.heappush(self._heap, (deadline, self._next, sock))
+            self._live.add(self._next)
+            self._lock.notify()
+            return self._next
+
+    def release(self, token: int) -> bool:
+        """Forget ``token``; False when its deadline has already passed (the read was ended)."""
+        with self._lock:
+            if token in self._live:
+                self._live.discard(token)
+                return True
+            return False
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._heap:
+                    self._lock.wait()
+                deadline, token, sock = self._heap[0]
+                wait = deadline - time.monotonic()
+                if wait > 0:
+                    self._lock.wait(wait)
+                    continue
+                heapq.heappop(self._heap)
+                if token not in self._live:
+                    continue
+                self._live.discard(token)
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+
+
 class InferenceApp:
     """The WSGI callable of one worker."""
 
@@ -183,8 +283,6 @@ class InferenceApp:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)
         self.runner = InferenceRunner()
-        from smchainer.serving.worker import BodyDeadlines, ReadyMarkers
-
         #: which workers of the server have their model (see the worker's accept rule)
         self.ready_markers = ReadyMarkers(settings.metrics_dir)
         self.holder.on_ready = self.ready_markers.mark

@@ -21,11 +21,13 @@ complete request heads:
   ``GET /metrics`` without a body are answered right there on the main loop
   (both are a state check and a few bytes), so neither slow clients nor a
   full inference queue can delay them.
-- **Bodies have a deadline too**: see :class:`BodyDeadlines`, which the app
-  uses while it reads a body on a pool thread.
+- **Bodies have a deadline too**: see
+  :class:`smchainer.serving.app.BodyDeadlines`, which the app uses while it
+  reads a body on a pool thread.
 - **No traffic before the model.** A worker whose model is still loading
   does not accept connections while another worker of the server is ready
-  (a replacement for a killed worker, say), so clients are not answered 503
+  (:class:`smchainer.serving.app.ReadyMarkers`; a replacement for a killed
+  worker, say), so clients are not answered 503
   by it; when no worker is ready, it accepts and says 503 "still loading".
 - **SIGTERM closes the listener at once**, so new connections are refused
   instead of waiting in the backlog of a worker that will never accept them;
@@ -47,16 +49,11 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
-import heapq
 import json
 import logging
-import os
 import selectors
-import socket
-import threading
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from gunicorn import util
@@ -88,103 +85,6 @@ def inline_request(head: bytes) -> bool:
         return False
     lowered = headers.lower()
     return b"content-length:" not in lowered and b"transfer-encoding:" not in lowered
-
-
-class ReadyMarkers:
-    """Files ``ready-<pid>`` in the server's shared folder: which workers have a model.
-
-    A worker killed with SIGKILL cannot remove its file, so a marker counts
-    only while its process lives.
-    """
-
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
-
-    def mark(self) -> None:
-        if self.folder is not None:
-            (self.folder / f"ready-{os.getpid()}").touch()
-
-    def clear(self) -> None:
-        if self.folder is not None:
-            (self.folder / f"ready-{os.getpid()}").unlink(missing_ok=True)
-
-    def another_ready(self) -> bool:
-        if self.folder is None:
-            return False
-        for path in self.folder.glob("ready-*"):
-            try:
-                pid = int(path.name.removeprefix("ready-"))
-            except ValueError:
-                continue
-            if pid == os.getpid():
-                continue
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                path.unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                pass
-            return True
-        return False
-
-
-class BodyDeadlines:
-    """Ends the reading of request bodies that take longer than their deadline.
-
-    A pool thread reading a body blocks in the socket until the client's
-    bytes arrive; a client sending one byte a second would hold it for ever.
-    :meth:`watch` registers the socket with a deadline; one thread per
-    worker shuts the socket's reading side at the deadline, which ends the
-    blocked read at once (the server can still answer on the socket).
-    """
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[float, int, socket.socket]] = []
-        self._live: set[int] = set()
-        self._lock = threading.Condition()
-        self._next = 0
-        self._thread: threading.Thread | None = None
-
-    def watch(self, sock: socket.socket, deadline: float) -> int:
-        """Shut ``sock``'s reading side at ``deadline`` unless :meth:`release` comes first."""
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="smchainer-deadlines",
-                                                daemon=True)
-                self._thread.start()
-            self._next += 1
-            heapq.heappush(self._heap, (deadline, self._next, sock))
-            self._live.add(self._next)
-            self._lock.notify()
-            return self._next
-
-    def release(self, token: int) -> bool:
-        """Forget ``token``; False when its deadline has already passed (the read was ended)."""
-        with self._lock:
-            if token in self._live:
-                self._live.discard(token)
-                return True
-            return False
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                while not self._heap:
-                    self._lock.wait()
-                deadline, token, sock = self._heap[0]
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    self._lock.wait(wait)
-                    continue
-                heapq.heappop(self._heap)
-                if token not in self._live:
-                    continue
-                self._live.discard(token)
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
 
 
 class ServingWorker(ThreadWorker):

@@ -29,7 +29,7 @@ import numpy as np
 
 from smchainer import content
 from smchainer.classification import Classification
-from smchainer.errors import BadRequest
+from smchainer.errors import BadRequest, SmchainerError
 from smchainer.functions.augment import SCALE
 from smchainer.hookspecs import hookimpl
 from smchainer.model_contract import METADATA_FILE
@@ -124,7 +124,10 @@ def serves_vgg(model: Any, context: ServingContext | None) -> bool:
         return True
     if context is None or context.model_dir is None:
         return False
-    contract = context.contract
+    try:
+        contract = context.contract
+    except SmchainerError:  # a metadata file the model's own loader did without
+        return False
     return contract.present and contract.architecture == ARCHITECTURE
 
 

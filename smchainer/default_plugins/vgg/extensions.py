@@ -19,7 +19,7 @@ from chainer import serializers
 from chainer.training import extensions
 
 from smchainer.errors import SmchainerError
-from smchainer.serializers import SafeNpz, load_npz
+from smchainer.serializers import read_npz
 
 if TYPE_CHECKING:
     from smchainer.default_plugins.vgg.hyperparameters import Hyperparameters
@@ -164,20 +164,17 @@ class Checkpointer:
         for old in self._iterations()[:-self.keep]:
             self.path(old).unlink(missing_ok=True)
 
-    def damage(self, iteration: int) -> str | None:
-        """Why this rank's snapshot of ``iteration`` cannot be loaded; None when it can.
+    def read(self, iteration: int) -> tuple[dict[str, np.ndarray] | None, str | None]:
+        """This rank's snapshot of ``iteration``: its arrays, or why it cannot be loaded.
 
-        Every member is read, as :func:`~smchainer.serializers.load_npz`
-        reads it (pickles refused), before the trainer is touched, so a
-        damaged snapshot never leaves a half-loaded trainer behind.
+        Every member is read (pickles refused, :func:`~smchainer.serializers.read_npz`)
+        before the trainer is touched, so a damaged snapshot never leaves a
+        half-loaded trainer behind, and the file is read once.
         """
         try:
-            with SafeNpz(self.path(iteration)) as npz:
-                for key in npz:
-                    npz[key]
+            return read_npz(self.path(iteration)), None
         except (SmchainerError, OSError, ValueError) as error:
-            return str(error)
-        return None
+            return None, str(error)
 
     def resume(self, trainer, comm=None) -> int:
         """Load the newest snapshot that every rank can load; return its iteration (0: none).
@@ -194,7 +191,7 @@ class Checkpointer:
         else:
             common = mine
         for iteration in sorted(common, reverse=True):
-            problem = self.damage(iteration)
+            arrays, problem = self.read(iteration)
             problems = comm.mpi_comm.allgather(problem) if comm is not None else [problem]
             if problem is not None:
                 damaged = self.path(iteration)
@@ -203,10 +200,11 @@ class Checkpointer:
                 os.replace(damaged, damaged.with_name(damaged.name + ".damaged"))
             if any(p is not None for p in problems):
                 continue
+            assert arrays is not None
             try:
-                load_npz(str(self.path(iteration)), trainer)
+                serializers.NpzDeserializer(arrays).load(trainer)
             except (ValueError, KeyError, TypeError) as error:
-                raise SmchainerError(self.misfit(iteration, trainer, error)) from None
+                raise SmchainerError(self.misfit(iteration, arrays, trainer, error)) from None
             if self.rank == 0:
                 logger.info("resumed from the snapshot at iteration %d in %s", iteration,
                             self.folder)
@@ -217,7 +215,8 @@ class Checkpointer:
         return 0
 
 
-    def misfit(self, iteration: int, trainer, error: Exception) -> str:
+    def misfit(self, iteration: int, arrays: dict[str, np.ndarray], trainer,
+               error: Exception) -> str:
         """Why a sound snapshot does not fit this job's model: arrays and hyperparameters."""
         path = self.path(iteration)
         expected = serializers.DictionarySerializer()
@@ -225,22 +224,20 @@ class Checkpointer:
         # cannot be serialised before training starts).
         trainer.updater.serialize(expected["updater"])
         differing = []
-        with SafeNpz(path) as npz:
-            for key, array in expected.target.items():
-                if key not in npz:
-                    differing.append(f"{key} missing")
-                elif getattr(array, "shape", None) != npz[key].shape:
-                    differing.append(f"{key}: {npz[key].shape} in the snapshot, "
-                                     f"{array.shape} in the model")
+        for key, array in expected.target.items():
+            if key not in arrays:
+                differing.append(f"{key} missing")
+            elif getattr(array, "shape", None) != arrays[key].shape:
+                differing.append(f"{key}: {arrays[key].shape} in the snapshot, "
+                                 f"{array.shape} in the model")
         message = f"snapshot {path} does not fit this job's model"
         if differing:
             message += (f": {len(differing)} arrays differ (" + "; ".join(differing[:3])
                         + (", ..." if len(differing) > 3 else "") + ")")
         else:
             message += f": {error}"
-        with SafeNpz(path) as npz:
-            before = (json.loads(npz[self.HYPERPARAMETERS_KEY].tobytes())
-                      if self.HYPERPARAMETERS_KEY in npz else None)
+        saved = arrays.get(self.HYPERPARAMETERS_KEY)
+        before = json.loads(saved.tobytes()) if saved is not None else None
         if before:
             changed = [f"{name} {before.get(name)!r} then, {value!r} now"
                        for name, value in self.hyperparameters.items()
