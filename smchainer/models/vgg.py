@@ -188,16 +188,6 @@ class VGG(chainer.Chain):
         ratio *= self.dropout_scale
         return F.dropout(h, ratio=ratio) if ratio > 0 else h
 
-    def config(self) -> dict:
-        """The constructor arguments that rebuild this network."""
-        return {
-            "n_classes": self.n_classes,
-            "width": self.width,
-            "depth": self.depth,
-            "mean": [float(v) for v in chainer.backend.CpuDevice().send(self.mean)],
-            "std": [float(v) for v in chainer.backend.CpuDevice().send(self.std)],
-        }
-
 
 def _channel_vector(values: Sequence[float], name: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float32).reshape(-1)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import chainer
 from chainer import serializers
 
 import smchainer
@@ -34,19 +35,23 @@ def save_model(model: VGG, model_dir: Path, class_names: list[str],
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     serializers.save_npz(str(model_dir / MODEL_FILE), model)
-    config = model.config()
     write_contract(model_dir, {
         "architecture": ARCHITECTURE,
-        "n_classes": config["n_classes"],
-        "width": config["width"],
-        "depth": config["depth"],
+        "n_classes": model.n_classes,
+        "width": model.width,
+        "depth": model.depth,
         "class_names": list(class_names),
-        "normalization": {"mean": config["mean"], "std": config["std"]},
+        "normalization": {"mean": _floats(model.mean), "std": _floats(model.std)},
         "input": {"shape": list(INPUT_SHAPE), "dtype": "float32", "range": [0.0, 1.0]},
         "weights": MODEL_FILE,
         "hyperparameters": dict(hp),
         "smchainer_version": smchainer.__version__,
     })
+
+
+def _floats(array) -> list[float]:
+    """A persistent channel vector as plain floats, wherever the model lives."""
+    return [float(v) for v in chainer.backend.CpuDevice().send(array)]
 
 
 def load_model(model_dir: str | os.PathLike) -> VGG:
