@@ -46,8 +46,12 @@ def s3_client(endpoint_url: str | None = None) -> Any:
     return boto3.client("s3", endpoint_url=endpoint_url)
 
 
-def _storage_error(error: Exception, uri: str, bucket: str) -> StorageError:
+def storage_error(error: Exception, uri: str, bucket: str) -> StorageError:
     """A boto3 error as a :class:`StorageError` that names the bucket or URI."""
+    # upload_file wraps the ClientError (NoSuchBucket...) in an S3UploadFailedError.
+    cause = error.__cause__ or error.__context__
+    if not hasattr(error, "response") and hasattr(cause, "response"):
+        error = cause
     code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
     if code == "NoSuchBucket":
         return StorageError(f"{uri}: bucket {bucket!r} does not exist")
@@ -86,12 +90,12 @@ def download(uri: str, destination: str | os.PathLike[str], *,
                 relative = item["Key"][len(prefix):]
                 if not relative or relative.endswith("/"):
                     continue
-                file = _inside(target, relative, uri)
+                file = path_inside(target, relative, uri)
                 file.parent.mkdir(parents=True, exist_ok=True)
                 client.download_file(bucket, item["Key"], str(file))
                 count += 1
     except (ClientError, BotoCoreError) as error:
-        raise _storage_error(error, uri, bucket) from None
+        raise storage_error(error, uri, bucket) from None
     if count == 0:
         raise StorageError(f"{uri}: no object or prefix of that name in bucket {bucket!r}")
     logger.info("downloaded %d object(s) from %s to %s", count, uri, target)
@@ -103,6 +107,7 @@ def upload(path: str | os.PathLike[str], uri: str, *, endpoint_url: str | None =
 
     Returns the URI of the uploaded file, or of the prefix for a folder.
     """
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, key = parse_s3_uri(uri)
@@ -120,11 +125,11 @@ def upload(path: str | os.PathLike[str], uri: str, *, endpoint_url: str | None =
         for file in sorted(p for p in source.rglob("*") if p.is_file()):
             client.upload_file(str(file), bucket, prefix + file.relative_to(source).as_posix())
         return f"{S3_PREFIX}{bucket}/{prefix}"
-    except (ClientError, BotoCoreError) as error:
-        raise _storage_error(error, uri, bucket) from None
+    except (ClientError, BotoCoreError, S3UploadFailedError) as error:
+        raise storage_error(error, uri, bucket) from None
 
 
-def _inside(root: Path, relative: str, what: str) -> Path:
+def path_inside(root: Path, relative: str, what: str) -> Path:
     """``root / relative``, refusing anything that would land outside ``root``."""
     if os.path.isabs(relative) or relative.startswith(("/", "\\")):
         raise StorageError(f"{what}: refusing absolute path {relative!r}")
@@ -138,14 +143,14 @@ def _inside(root: Path, relative: str, what: str) -> Path:
 def check_tar_members(archive: tarfile.TarFile, destination: Path, name: str) -> None:
     """Refuse members that escape ``destination``, outside links and special files."""
     for member in archive.getmembers():
-        target = _inside(destination, member.name, name)
+        target = path_inside(destination, member.name, name)
         if member.issym():
             link = member.linkname
             if os.path.isabs(link):
                 raise StorageError(f"{name}: refusing link {member.name!r} -> absolute {link!r}")
-            _inside(destination, str(Path(member.name).parent / link), name)
+            path_inside(destination, str(Path(member.name).parent / link), name)
         elif member.islnk():
-            _inside(destination, member.linkname, name)
+            path_inside(destination, member.linkname, name)
         elif not (member.isfile() or member.isdir()):
             raise StorageError(f"{name}: refusing special file {member.name!r} (device or fifo)")
         del target
