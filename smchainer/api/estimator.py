@@ -38,13 +38,14 @@ from smchainer.api.local_mode import (
 from smchainer.api.model import Model
 from smchainer.api.session import Session, local_path
 from smchainer.errors import SmchainerError
-from smchainer.training.config import JobSpec, new_job_name
+from smchainer.training.config import DEFAULT_GRACE_PERIOD, JobSpec, new_job_name
 
 logger = logging.getLogger(__name__)
 
 LOG_FILE = "train.log"
 DEFAULT_CHANNEL = "training"
-STOP_TIMEOUT = 30.0
+#: Seconds past the grace period before ``stop()`` kills a job that is still running.
+STOP_MARGIN = 15.0
 #: The base of a job's name when no ``base_job_name`` is given.
 DEFAULT_BASE_JOB_NAME = "smchainer-chainer"
 
@@ -70,14 +71,14 @@ class TrainingJob:
 
     def __init__(self, name: str, job_dir: Path, command: list[str], env: dict[str, str],
                  model_data: str, output_data: str,
-                 checkpoint_sync: tuple[Path, str, str | None] | None = None) -> None:
+                 grace_period: float = DEFAULT_GRACE_PERIOD) -> None:
         self.name = name
         self.job_name = name
         self.job_dir = job_dir
         self.command = command
         self._model_data = model_data
         self._output_data = output_data
-        self._checkpoint_sync = checkpoint_sync
+        self.grace_period = grace_period
         self.status = "InProgress"
         self.failure_reason: str | None = None
         self.job_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +131,7 @@ class TrainingJob:
         return self
 
     def _finish(self) -> None:
-        """Settle the status of a job whose process ended; upload its checkpoints."""
+        """Settle the status of a job whose process ended."""
         if self.status != "InProgress":
             return
         code = self.process.returncode
@@ -138,13 +139,6 @@ class TrainingJob:
         self.status = "Completed" if completed else "Failed"
         if not completed:
             self.failure_reason = self._reason(code)
-        try:
-            self._upload_checkpoints()
-        except SmchainerError:
-            if completed:
-                raise
-            logger.warning("checkpoints of the failed job %s were not uploaded", self.name,
-                           exc_info=True)
         if completed:
             logger.info("job %s completed: %s", self.name, self._model_data)
 
@@ -159,14 +153,6 @@ class TrainingJob:
                 return line[len("Error:"):].strip()
         return f"smchainer-train exited with status {code}"
 
-    def _upload_checkpoints(self) -> None:
-        if self._checkpoint_sync is None:
-            return
-        folder, uri, endpoint_url = self._checkpoint_sync
-        if folder.is_dir() and any(path.is_file() for path in folder.rglob("*")):
-            storage.upload(folder, uri.rstrip("/") + "/", endpoint_url=endpoint_url)
-            logger.info("checkpoints of %s uploaded to %s", self.name, uri)
-
     def log_tail(self, lines: int = 30) -> list[str]:
         """The last ``lines`` lines of the job's output."""
         try:
@@ -175,10 +161,17 @@ class TrainingJob:
             return []
         return text.splitlines()[-lines:]
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """Interrupt the job (SIGINT, as Ctrl-C would), then kill it after ``timeout`` s."""
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the job as SageMaker's ``StopTrainingJob`` does: SIGTERM, then kill.
+
+        The job has its grace period (``timeout``, default that plus a margin)
+        to stop; the built-in trainer writes a snapshot in it, which a later
+        ``fit()`` on the same checkpoints resumes from.
+        """
+        if timeout is None:
+            timeout = self.grace_period + STOP_MARGIN
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -187,11 +180,6 @@ class TrainingJob:
         if self.status == "InProgress":
             self.status = "Stopped"
             self.failure_reason = self._reason(self.process.returncode)
-            try:
-                self._upload_checkpoints()
-            except SmchainerError:
-                logger.warning("checkpoints of the stopped job %s were not uploaded", self.name,
-                               exc_info=True)
 
     def describe(self) -> dict[str, Any]:
         """A ``DescribeTrainingJob``-like summary."""
@@ -221,8 +209,12 @@ class Estimator:
     :param output_path: a folder or ``s3://`` prefix that also receives
         ``<job name>/output/model.tar.gz`` and ``output.tar.gz``.
     :param checkpoint_local_path: the checkpoint folder (default ``<job dir>/checkpoints``).
-    :param checkpoint_s3_uri: downloaded into the checkpoint folder before the job
-        and the folder uploaded back after it, as SageMaker syncs it.
+    :param checkpoint_s3_uri: restored into the checkpoint folder before the job,
+        and each new checkpoint uploaded while it runs, as SageMaker syncs it.
+    :param max_retry_attempts: run a failed job again up to this many times,
+        resuming from its newest snapshot (``smchainer-train --max-restarts``).
+        SageMaker retries only its own internal errors; here any failure is retried
+        but a usage error and a stopped job.
     :param environment: extra environment variables of the job.
     :param sagemaker_session: a :class:`~smchainer.api.session.Session` (S3 endpoint).
     :param hostfile: an Open MPI hostfile, to run the processes on several hosts.
@@ -241,6 +233,7 @@ class Estimator:
                  output_path: str | os.PathLike[str] | None = None,
                  checkpoint_s3_uri: str | None = None,
                  checkpoint_local_path: str | os.PathLike[str] | None = None,
+                 max_retry_attempts: int | None = None,
                  base_job_name: str | None = None,
                  environment: dict[str, str] | None = None,
                  container_log_level: int | None = None,
@@ -268,6 +261,12 @@ class Estimator:
         self.output_path = str(output_path) if output_path is not None else None
         self.checkpoint_s3_uri = checkpoint_s3_uri
         self.checkpoint_local_path = checkpoint_local_path
+        if max_retry_attempts is not None and (
+                isinstance(max_retry_attempts, bool) or not isinstance(max_retry_attempts, int)
+                or max_retry_attempts < 0):
+            raise ValueError(f"max_retry_attempts must be a whole number >= 0, "
+                             f"not {max_retry_attempts!r}")
+        self.max_retry_attempts = max_retry_attempts or 0
         self.base_job_name = base_job_name
         self.environment = dict(environment or {})
         self.container_log_level = container_log_level
@@ -361,23 +360,14 @@ class Estimator:
             output_path=output_path,
             checkpoint_dir=(local_path(self.checkpoint_local_path).resolve()
                             if self.checkpoint_local_path is not None else None),
+            checkpoint_s3_uri=self.checkpoint_s3_uri,
+            max_restarts=self.max_retry_attempts,
             num_processes=processes,
         )
         if processes is not None:
             spec.hostfile = self.hostfile
             spec.mpi_options = shlex.split(self.additional_mpi_options or "")
         return spec.command(launch=True)
-
-    def _download_checkpoints(self, folder: Path) -> None:
-        assert self.checkpoint_s3_uri is not None
-        bucket, key = storage.parse_s3_uri(self.checkpoint_s3_uri)
-        prefix = key.rstrip("/") + "/" if key.strip("/") else ""
-        client = storage.s3_client(self.sagemaker_session.endpoint_url)
-        listing = client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
-        if listing.get("KeyCount", 0):
-            storage.download(f"s3://{bucket}/{prefix}", folder,
-                             endpoint_url=self.sagemaker_session.endpoint_url)
-            logger.info("checkpoints from %s in %s", self.checkpoint_s3_uri, folder)
 
     def fit(self, inputs: Any = None, wait: bool = True, logs: bool | str = True,
             job_name: str | None = None, **aws_only: Any) -> None:
@@ -395,13 +385,6 @@ class Estimator:
             require_gpu()
         name = job_name or new_job_name(self.base_job_name or DEFAULT_BASE_JOB_NAME)
         job_dir = self.jobs_dir / name
-        checkpoint_sync = None
-        if self.checkpoint_s3_uri is not None:
-            folder = (local_path(self.checkpoint_local_path).resolve()
-                      if self.checkpoint_local_path is not None else job_dir / "checkpoints")
-            folder.mkdir(parents=True, exist_ok=True)
-            self._download_checkpoints(folder)
-            checkpoint_sync = (folder, self.checkpoint_s3_uri, self.sagemaker_session.endpoint_url)
         env = device_environment(self.instance_type)
         # A notebook kernel's inline plotting backend cannot draw in another process.
         if env.get("MPLBACKEND", "").startswith("module://"):
@@ -411,7 +394,7 @@ class Estimator:
         model_data, output_data = self._artifact_places(name, job_dir)
         self.latest_training_job = TrainingJob(
             name, job_dir, self.training_command(channels, name, job_dir), env,
-            model_data, output_data, checkpoint_sync)
+            model_data, output_data)
         if wait:
             self.latest_training_job.wait(logs=logs)
 

@@ -27,7 +27,9 @@ The job tree (--job-dir, default ./jobs/<job name>, or $SAGEMAKER_BASE_DIR):
 The script gets every SM_* variable of the SageMaker contract and the
 hyperparameters as sorted arguments (--key value; sagemaker_* keys left out).
 Without --entry-point the train(env) hook runs (default: VGG on CIFAR-10).
-Exit status: 0 success, 1 the job failed (see output/failure), 2 bad usage.
+Exit status: 0 success, 1 the job failed (see output/failure), 2 bad usage,
+130 stopped by SIGINT, 143 by SIGTERM (after a snapshot, with the built-in
+trainer: a rerun resumes from it).
 
 Examples:
   smchainer-train --entry-point train.py --channel train=data/ --hp epochs=3
@@ -76,6 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--checkpoint-dir", metavar="DIR",
                      help="checkpoint folder (default <job dir>/checkpoints; "
                      "SMCHAINER_CHECKPOINT_DIR in the script)")
+    job.add_argument("--checkpoint-s3-uri", metavar="s3://BUCKET/PREFIX",
+                     help="restore the checkpoint folder from here before the job and upload "
+                     "each new checkpoint while it runs")
+    ends = parser.add_argument_group("stopping and restarting")
+    ends.add_argument("--grace-period", type=float, metavar="SECONDS",
+                      help="time between SIGTERM (or SIGUSR1) and the hard stop; the built-in "
+                      "trainer writes a snapshot in it (default 25: Kubernetes gives 30)")
+    ends.add_argument("--max-restarts", type=int, metavar="N",
+                      help="rerun a failed attempt up to N times, resuming from the newest "
+                      "snapshot (default 0)")
     mpi = parser.add_argument_group("starting mpirun (one host or many)")
     mpi.add_argument("--num-processes", type=int, metavar="N",
                      help="start N ranks with mpirun (printed before it runs)")

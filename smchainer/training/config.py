@@ -8,9 +8,10 @@ hyperparameters parse. Problems are :class:`~smchainer.errors.UsageError`
 A job file is a JSON object with the options' long names (dashes or
 underscores): ``entry_point``, ``source_dir``, ``channels`` (object),
 ``hyperparameters`` (object), ``job_dir``, ``job_name``, ``output_path``,
-``checkpoint_dir``, ``num_processes``, ``hostfile``, ``mpi_options``,
-``oversubscribe``. Relative paths in it are relative to the file. Options on
-the command line win; channels and hyperparameters are merged.
+``checkpoint_dir``, ``checkpoint_s3_uri``, ``max_restarts``, ``grace_period``,
+``num_processes``, ``hostfile``, ``mpi_options``, ``oversubscribe``. Relative
+paths in it are relative to the file. Options on the command line win;
+channels and hyperparameters are merged.
 """
 from __future__ import annotations
 
@@ -39,9 +40,11 @@ TRAIN_MODULE = "smchainer.training.cli"
 
 JOB_FILE_KEYS = (
     "entry_point", "source_dir", "channels", "hyperparameters", "job_dir", "job_name",
-    "output_path", "checkpoint_dir", "num_processes", "hostfile", "mpi_options",
-    "oversubscribe",
+    "output_path", "checkpoint_dir", "checkpoint_s3_uri", "max_restarts", "grace_period",
+    "num_processes", "hostfile", "mpi_options", "oversubscribe",
 )
+#: Seconds a job has between SIGTERM and its hard stop (Kubernetes gives a pod 30 s).
+DEFAULT_GRACE_PERIOD = 25.0
 
 
 @dataclass
@@ -56,6 +59,9 @@ class JobSpec:
     job_name: str = ""
     output_path: str | None = None
     checkpoint_dir: Path | None = None
+    checkpoint_s3_uri: str | None = None
+    max_restarts: int = 0
+    grace_period: float = DEFAULT_GRACE_PERIOD
     num_processes: int | None = None
     hostfile: Path | None = None
     mpi_options: list[str] = field(default_factory=list)
@@ -69,10 +75,11 @@ class JobSpec:
     def to_argv(self, *, launch: bool = False) -> list[str]:
         """This job as ``smchainer-train`` options, the one way a job is passed on.
 
-        Without ``launch`` the options that start mpirun are left out: that
-        is what every rank gets, since a rank runs the job and must not start
-        mpirun again. With ``launch`` they are kept, for a process that is
-        to start the ranks itself (the Python API's child process).
+        Without ``launch`` the options that start mpirun or rerun the job are
+        left out: that is what every rank (and every attempt) gets, since a
+        rank runs the job and must not start mpirun again. With ``launch``
+        they are kept, for a process that is to start the ranks itself (the
+        Python API's child process).
         """
         argv: list[str] = []
         if self.entry_point is not None:
@@ -91,6 +98,12 @@ class JobSpec:
             argv += ["--output-path", self.output_path]
         if self.checkpoint_dir is not None:
             argv += ["--checkpoint-dir", str(self.checkpoint_dir)]
+        if self.checkpoint_s3_uri is not None:
+            argv += ["--checkpoint-s3-uri", self.checkpoint_s3_uri]
+        if self.grace_period != DEFAULT_GRACE_PERIOD:
+            argv += ["--grace-period", repr(self.grace_period)]
+        if launch and self.max_restarts:
+            argv += ["--max-restarts", str(self.max_restarts)]
         if launch and self.num_processes is not None:
             argv += ["--num-processes", str(self.num_processes)]
             if self.hostfile is not None:
@@ -290,6 +303,25 @@ def build_spec(args: Any) -> JobSpec:
     checkpoint_dir, checkpoint_base = option("checkpoint_dir")
     if checkpoint_dir is not None:
         spec.checkpoint_dir = (checkpoint_base / checkpoint_dir).resolve()
+    checkpoint_s3_uri, _ = option("checkpoint_s3_uri")
+    if checkpoint_s3_uri is not None:
+        try:
+            parse_s3_uri(str(checkpoint_s3_uri))
+        except StorageError as error:
+            raise UsageError(f"--checkpoint-s3-uri: {error}") from None
+        spec.checkpoint_s3_uri = str(checkpoint_s3_uri)
+    max_restarts, _ = option("max_restarts")
+    if max_restarts is not None:
+        if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) \
+                or max_restarts < 0:
+            raise UsageError(f"--max-restarts {max_restarts!r}: expected a whole number >= 0")
+        spec.max_restarts = max_restarts
+    grace_period, _ = option("grace_period")
+    if grace_period is not None:
+        if isinstance(grace_period, bool) or not isinstance(grace_period, int | float) \
+                or not 0 < grace_period < float("inf"):
+            raise UsageError(f"--grace-period {grace_period!r}: expected seconds > 0")
+        spec.grace_period = float(grace_period)
 
     num_processes, _ = option("num_processes")
     hostfile, hostfile_base = option("hostfile")

@@ -42,6 +42,14 @@ class TrainingEnv:
     #: running in the rank builds its ChainerMN communicator on it
     #: (``chainermn.create_communicator(name, mpi_comm=env.mpi_comm)``).
     mpi_comm: Any = field(default=None, repr=False, compare=False)
+    #: The process's stop notice (:class:`~smchainer.training.preemption.Preemption`)
+    #: while the runner runs the job, else None: a trainer that can stop at a safe
+    #: point ``accept()`` s it and reads ``requested`` there.
+    preemption: Any = field(default=None, repr=False, compare=False)
+    #: The :class:`~smchainer.training.checkpoint_sync.CheckpointSync` of this
+    #: host's checkpoint folder on the rank that runs it (with
+    #: ``--checkpoint-s3-uri``), else None: ``notify(path)`` uploads a file now.
+    checkpoint_sync: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_rank_zero(self) -> bool:

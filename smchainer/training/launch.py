@@ -3,6 +3,8 @@
 :func:`run` takes the checked :class:`~smchainer.training.config.JobSpec`
 that ``smchainer-train`` parsed and is the only thing the command calls:
 
+- with ``--max-restarts N`` it runs each attempt as a child of its own
+  (:func:`run_with_restarts`), each being one of the cases below;
 - without ``--num-processes`` this process *is* the job, alone or as one rank
   of an ``mpirun`` the user started: it learns its place from MPI
   (:func:`~smchainer.training.mpi.detect_world`) and runs its part
@@ -11,7 +13,9 @@ that ``smchainer-train`` parsed and is the only thing the command calls:
 - with ``--num-processes N`` it starts ``mpirun`` (:func:`run_with_mpirun`),
   whose ranks come back through the first case, waits, and settles the job's
   exit status and failure file, since mpirun's own status can say success
-  for a job that lost a host.
+  for a job that lost a host. SIGTERM to it reaches the ranks as SIGUSR1
+  (mpirun would kill them at once after passing SIGTERM on), and mpirun gets
+  SIGTERM once the grace period is over.
 
 The mpirun command is built here so that a user need not know Open MPI's flags:
 
@@ -44,6 +48,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +56,17 @@ from smchainer.cli import setup_package_logging
 from smchainer.errors import SmchainerError, UsageError
 from smchainer.training.config import JobSpec, resolve_job
 from smchainer.training.mpi import detect_world, under_mpirun
-from smchainer.training.runner import (
-    SIGINT_EXIT,
-    SIGTERM_EXIT,
-    Terminated,
-    run_job,
-    write_failure,
-)
+from smchainer.training.preemption import NOTICE_SIGNAL, SIGINT_EXIT, SIGTERM_EXIT, Terminated
+from smchainer.training.runner import run_job, write_failure
 
 logger = logging.getLogger(__name__)
 
 FORWARDED_PREFIXES = ("SM_", "NCCL_", "AWS_", "SMCHAINER_", "SAGEMAKER_", "CHAINERMN_",
                       "OMPI_ALLOW_RUN_AS_ROOT")
 FORWARDED_NAMES = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "CURRENT_HOST", "OMP_NUM_THREADS")
+#: Seconds past the grace period before the launcher stops mpirun outright: the
+#: ranks' own timers write their failure files first.
+HARD_STOP_MARGIN = 5.0
 
 
 def mpirun_path() -> Path:
@@ -127,11 +130,22 @@ def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
     print(f"smchainer-train: running {shlex.join(command)}", file=sys.stderr, flush=True)
     process = subprocess.Popen(command, env=env)
     terminated = False
+    hard_stop: threading.Timer | None = None
 
     def forward_sigterm(signum: int, frame: Any) -> None:
-        nonlocal terminated
+        # mpirun kills its ranks within a second of passing SIGTERM on, so the
+        # notice goes as SIGUSR1 (which it passes on and waits): each rank has
+        # the grace period, then mpirun gets SIGTERM. A second SIGTERM: now.
+        nonlocal terminated, hard_stop
+        if terminated:
+            process.send_signal(signal.SIGTERM)
+            return
         terminated = True
-        process.send_signal(signal.SIGTERM)  # mpirun passes it on to every rank
+        process.send_signal(NOTICE_SIGNAL)
+        hard_stop = threading.Timer(spec.grace_period + HARD_STOP_MARGIN,
+                                    process.send_signal, (signal.SIGTERM,))
+        hard_stop.daemon = True
+        hard_stop.start()
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, forward_sigterm) if in_main else None
@@ -148,6 +162,8 @@ def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
+        if hard_stop is not None:
+            hard_stop.cancel()
     if terminated:
         raise Terminated()
     return code
@@ -155,12 +171,108 @@ def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
 
 def run(spec: JobSpec, log_level: int = logging.INFO) -> int:
     """Run the job ``spec`` describes from this process; the exit status."""
+    if spec.max_restarts:
+        return run_with_restarts(spec, log_level)
     if spec.num_processes is not None:
         return run_with_mpirun(spec, log_level)
     world = detect_world()
     # Every rank logs to the same terminal: progress from rank 0 only.
     setup_package_logging(log_level if world.rank == 0 else logging.WARNING)
     return run_job(spec, world, log_level)
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell says it: 128 + N for a child killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run_attempt(command: list[str], grace_period: float) -> tuple[int, str | None]:
+    """Run one attempt as a child; its exit status, and the signal that stopped us, if any.
+
+    SIGTERM and SIGINT that reach this process are passed on to the child
+    (which has the grace period to stop); it is killed if it outlives that.
+    """
+    process = subprocess.Popen(command)
+    stopped: str | None = None
+
+    def pass_on(signum: int, frame: Any) -> None:
+        nonlocal stopped
+        stopped = stopped or signal.Signals(signum).name
+        process.send_signal(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, pass_on) if in_main else None
+    try:
+        while True:
+            try:
+                if stopped is None:
+                    return exit_status(process.wait()), None
+                try:
+                    code = process.wait(timeout=grace_period + 2 * HARD_STOP_MARGIN)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    code = process.wait()
+                return exit_status(code), stopped
+            except KeyboardInterrupt:
+                # A terminal's Ctrl-C reached the child too; a kill -INT only us.
+                pass_on(signal.SIGINT, None)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def run_with_restarts(spec: JobSpec, log_level: int = logging.INFO) -> int:
+    """Run the job, and run it again after a failure, up to ``max_restarts`` times.
+
+    Every attempt is a child ``smchainer-train`` with the same job dir and
+    name, so it resumes from the newest snapshot. A usage error is not
+    retried, nor a job this process was told to stop (SIGTERM, SIGINT: the
+    scheduler that sent it will requeue the job, or the user wants it
+    stopped). Each failed attempt's failure file is kept as
+    ``output/failure.attempt<k>``, and the last failure file says every
+    attempt's reason.
+    """
+    if under_mpirun():
+        raise UsageError("--max-restarts starts the job again itself: use it alone or with "
+                         "--num-processes, not under mpirun")
+    setup_package_logging(log_level)
+    resolve_job(spec)
+    assert spec.job_dir is not None
+    output = spec.job_dir / "output"
+    for stale in output.glob("failure.attempt*"):
+        stale.unlink()
+    attempts = spec.max_restarts + 1
+    command = replace(spec, max_restarts=0).command(launch=True)
+    reasons: list[str] = []
+    code = 1
+    for attempt in range(1, attempts + 1):
+        if attempt > 1:
+            logger.warning("restarting the job: attempt %d of %d", attempt, attempts)
+        code, stopped = run_attempt(command, spec.grace_period)
+        if code == 0:
+            if reasons:
+                logger.info("the job succeeded on attempt %d of %d", attempt, attempts)
+            return 0
+        failure = output / "failure"
+        reason = (failure.read_text() if failure.is_file()
+                  else f"the attempt ended with status {code}, writing no failure file\n")
+        reasons.append(reason)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / f"failure.attempt{attempt}").write_text(reason)
+        logger.warning("attempt %d of %d failed: %s", attempt, attempts,
+                       reason.splitlines()[0] if reason.strip() else f"status {code}")
+        if stopped is not None or code == 2:
+            break
+    failure = output / "failure"
+    failure.unlink(missing_ok=True)
+    earlier = "".join(f"\nAttempt {k} of {len(reasons)}:\n{text}"
+                      for k, text in enumerate(reasons[:-1], 1))
+    write_failure(output, reasons[-1] + (
+        f"\nEarlier attempts ({len(reasons)} run, --max-restarts {spec.max_restarts}):"
+        + earlier if earlier else ""))
+    print(f"Error: the job failed on {len(reasons)} attempt(s); see {failure}",
+          file=sys.stderr, flush=True)
+    return code
 
 
 def run_with_mpirun(spec: JobSpec, log_level: int = logging.INFO) -> int:

@@ -2,11 +2,15 @@
 
 ::
 
-    spec + world --> TrainingEnv --> job tree (config files, code, channels)
+    spec + world --> TrainingEnv --> job tree (config files, code, channels,
+                                               checkpoints restored from S3)
                  --> SM_* environment --> user script or train(env) hook
+                     (checkpoints uploaded as they are written)
                  --> [rank 0] model.tar.gz, output.tar.gz (+ upload) --> success
     any error on any rank --> failure file (first line: class, message, rank)
                           --> MPI_Abort, so that no rank waits forever
+    SIGTERM / SIGUSR1     --> the built-in trainer snapshots, every rank stops
+                              at the same iteration --> failure file, 143
 
 The job tree is prepared once per host: rank 0 first, then the first rank of
 every other host unless it finds rank 0's marker (same paths on shared
@@ -29,7 +33,6 @@ import runpy
 import secrets
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -42,9 +45,11 @@ from smchainer import storage
 from smchainer.device import check_rank_device, cpu_count, gpu_count, rank_device
 from smchainer.errors import SmchainerError
 from smchainer.training import sm_env
+from smchainer.training.checkpoint_sync import CheckpointSync
 from smchainer.training.config import JobSpec, new_job_name, resolve_job
 from smchainer.training.env import TrainingEnv
 from smchainer.training.mpi import World
+from smchainer.training.preemption import SIGINT_EXIT, SIGTERM_EXIT, Preemption, Terminated
 
 logger = logging.getLogger(__name__)
 
@@ -54,19 +59,6 @@ MARKER = ".smchainer-prepared"
 ABORT_ENV = "CHAINERMN_FORCE_ABORT_ON_EXCEPTION"
 CHECKPOINT_ENV = "SMCHAINER_CHECKPOINT_DIR"
 _COPY_IGNORED = {"__pycache__", ".git", ".venv", ".pytest_cache"}
-
-
-#: Exit codes of interrupted jobs, as a shell reports them (128 + the signal).
-SIGINT_EXIT = 130
-SIGTERM_EXIT = 143
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived (a scheduler's preemption, ``kill``): the job stops where it is."""
-
-
-def raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
 
 
 class UserCodeFailed(Exception):
@@ -221,8 +213,12 @@ def write_config_files(env: TrainingEnv) -> None:
         json.dumps(sm_env.resource_config(env), indent=2))
 
 
-def prepare_host(spec: JobSpec, env: TrainingEnv, token: str) -> None:
-    """Lay out this host's job tree; stale success/failure files are removed."""
+def prepare_host(spec: JobSpec, env: TrainingEnv, token: str) -> CheckpointSync | None:
+    """Lay out this host's job tree; stale success/failure files are removed.
+
+    With ``checkpoint_s3_uri`` the checkpoint folder is restored from it, and
+    the :class:`CheckpointSync` that keeps uploading it is returned.
+    """
     for folder in (env.model_dir, env.output_data_dir, env.output_intermediate_dir,
                    env.input_dir / "data", env.checkpoints):
         folder.mkdir(parents=True, exist_ok=True)
@@ -232,25 +228,39 @@ def prepare_host(spec: JobSpec, env: TrainingEnv, token: str) -> None:
         copy_code(spec, env.code_dir)
     for name, location in sorted(spec.channels.items()):
         place_channel(name, location, env.channels[name])
+    sync = None
+    if spec.checkpoint_s3_uri is not None:
+        sync = CheckpointSync(env.checkpoints, spec.checkpoint_s3_uri)
+        restored = sync.restore()
+        if restored:
+            logger.info("checkpoints: %d file(s) from %s in %s", restored,
+                        spec.checkpoint_s3_uri, env.checkpoints)
     write_config_files(env)
     if spec.entry_point is not None:
         install_requirements(env.code_dir)
     (env.job_dir / MARKER).write_text(token)
+    return sync
 
 
-def prepare(spec: JobSpec, env: TrainingEnv, world: World) -> None:
-    """Prepare the job tree once per host (once in all on shared storage)."""
+def prepare(spec: JobSpec, env: TrainingEnv, world: World) -> CheckpointSync | None:
+    """Prepare the job tree once per host (once in all on shared storage).
+
+    Returns the checkpoint sync of the rank that prepared its host's tree
+    (None elsewhere): one uploader per checkpoint folder.
+    """
     token = world.bcast(secrets.token_hex(8))
+    sync = None
     if world.rank == 0:
         logger.info("job %s in %s (%d process(es) on %s)", env.job_name, env.job_dir,
                     world.size, ", ".join(world.hosts))
-        prepare_host(spec, env, token)
+        sync = prepare_host(spec, env, token)
     world.barrier()
     if world.local_rank == 0 and world.rank != 0:
         marker = env.job_dir / MARKER
         if not (marker.is_file() and marker.read_text() == token):
-            prepare_host(spec, env, token)
+            sync = prepare_host(spec, env, token)
     world.barrier()
+    return sync
 
 
 def export_environment(env: TrainingEnv, world: World) -> dict[str, str]:
@@ -390,8 +400,8 @@ def run_hook(env: TrainingEnv) -> Any:
     logger.info("no entry point: running the train hook")
     try:
         return hooks.train(env)
-    except SmchainerError:  # NoImplementation included: a framework error
-        raise
+    except (SmchainerError, KeyboardInterrupt, Terminated):
+        raise  # a framework error (NoImplementation included), or the job was stopped
     except BaseException as error:
         lines = traceback.format_exception(type(error), error, error.__traceback__)
         sys.stderr.write("".join(lines))
@@ -436,7 +446,8 @@ def failure_text(error: BaseException, world: World) -> tuple[str, int]:
         text = f"Interrupted: SIGINT (Ctrl-C) ({where(world)})\nExit code: {SIGINT_EXIT}\n"
         return text, SIGINT_EXIT
     if isinstance(error, Terminated):
-        text = f"Interrupted: SIGTERM ({where(world)})\nExit code: {SIGTERM_EXIT}\n"
+        detail = f": {error.detail}" if error.detail else ""
+        text = f"Interrupted: SIGTERM ({where(world)}){detail}\nExit code: {SIGTERM_EXIT}\n"
         return text, SIGTERM_EXIT
     message = f"{type(error).__name__}: {error}"[:FIRST_LINE_LIMIT]
     trace = traceback.format_exception(type(error), error, error.__traceback__)
@@ -459,20 +470,42 @@ def write_failure(output_dir: Path, text: str) -> bool:
 
 
 def run_job(spec: JobSpec, world: World, log_level: int = logging.INFO) -> int:
-    """Run this rank's part of the job; the exit code (an error ends every rank)."""
+    """Run this rank's part of the job; the exit code (an error ends every rank).
+
+    SIGTERM and SIGUSR1 are this job's (:mod:`~smchainer.training.preemption`)
+    while it runs. With ``checkpoint_s3_uri`` every checkpoint is uploaded
+    before ``success`` is written, and what there is on the way out of a
+    failed or stopped job.
+    """
     spec.job_name = world.bcast(spec.job_name or new_job_name())
     resolve_job(spec)
     assert spec.job_dir is not None
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
+    output = spec.job_dir / "output"
+
+    def out_of_time(grace: float) -> None:
+        write_failure(output, f"Interrupted: SIGTERM ({where(world)}): not stopped within the "
+                      f"grace period of {grace:g} s\nExit code: {SIGTERM_EXIT}\n")
+        print(f"Error: the job did not stop within the grace period of {grace:g} s; "
+              f"see {output / 'failure'}", file=sys.stderr, flush=True)
+
+    preemption = Preemption(spec.grace_period, on_expiry=out_of_time)
+    preemption.install()
+    sync: CheckpointSync | None = None
     try:
         env = build_env(spec, world, log_level)
-        prepare(spec, env, world)
+        env.preemption = preemption
+        sync = env.checkpoint_sync = prepare(spec, env, world)
+        if sync is not None:
+            sync.start()
         export_environment(env, world)
         if spec.entry_point is not None:
             run_script(env)
         else:
             run_hook(env)
+        world.barrier()
+        if sync is not None:
+            sync, finishing = None, sync
+            finishing.stop()  # every checkpoint is in the bucket before success is said
         world.barrier()
         if world.rank == 0:
             save_artifacts(spec, env)
@@ -481,14 +514,21 @@ def run_job(spec: JobSpec, world: World, log_level: int = logging.INFO) -> int:
         return 0
     except BaseException as error:
         text, code = failure_text(error, world)
-        failure = spec.job_dir / "output" / "failure"
-        write_failure(failure.parent, text)
+        write_failure(output, text)
         summary = text.splitlines()[0].removeprefix("Framework Error: ")
-        print(f"Error: {summary}; see {failure}", file=sys.stderr, flush=True)
+        print(f"Error: {summary}; see {output / 'failure'}", file=sys.stderr, flush=True)
         if spec.debug and not isinstance(error, UserCodeFailed):
             traceback.print_exception(type(error), error, error.__traceback__)
+        if sync is not None:
+            try:
+                sync.stop()  # what the job wrote, a preemption's snapshot above all
+            except SmchainerError as sync_error:
+                logger.warning("checkpoints not uploaded: %s", sync_error)
+        if isinstance(error, Terminated) and error.coordinated:
+            # Every rank stopped at the same point: let each finish its way out.
+            world.barrier()
+            return code
         world.abort(code)
         return code
     finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
+        preemption.uninstall()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from smchainer.api import Chainer
 from tests.api.conftest import alive
@@ -29,8 +30,50 @@ def test_stop_interrupts_a_running_job(tmp_path):
     job.stop()
     assert time.monotonic() - began < 10
     assert job.status == "Stopped" and not alive(job.process.pid)
-    assert job.failure_reason.startswith("Interrupted: SIGINT")  # the signal, named
+    # SIGTERM, as SageMaker's StopTrainingJob sends it; the signal is named
+    assert job.failure_reason.startswith("Interrupted: SIGTERM")
+    assert job.process.returncode == 143
     assert job.describe()["TrainingJobStatus"] == "Stopped"
+
+
+def test_stop_ends_every_rank_of_a_two_process_job(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text("import os, time\n"
+                      "open(os.path.join(os.environ['SM_OUTPUT_DATA_DIR'], 'started-'\n"
+                      "     + os.environ['SMCHAINER_RANK']), 'w').close()\n"
+                      "time.sleep(120)\n")
+    estimator = Chainer(entry_point=str(script), jobs_dir=tmp_path / "jobs", instance_count=2)
+    estimator.fit(wait=False)
+    job = estimator.latest_training_job
+    data = job.job_dir / "output" / "data"
+    deadline = time.monotonic() + 60
+    while len(list(data.glob("started-*"))) < 2:
+        assert job.process.poll() is None, job.log_tail()
+        assert time.monotonic() < deadline, job.log_tail()
+        time.sleep(0.1)
+    ranks = rank_pids(job.job_dir)
+    assert len(ranks) == 2
+    job.stop()
+    assert job.status == "Stopped" and job.process.returncode == 143
+    assert job.failure_reason.startswith("Interrupted: SIGTERM")
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in ranks) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in ranks)
+
+
+def rank_pids(job_dir) -> list[int]:
+    """The rank processes of the job in ``job_dir`` (found by their command line)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            environ = (proc / "environ").read_bytes() if proc.name.isdigit() else b""
+            cmdline = (proc / "cmdline").read_bytes() if environ else b""
+        except OSError:
+            continue
+        if b"OMPI_COMM_WORLD_RANK=" in environ and str(job_dir).encode() in cmdline:
+            found.append(int(proc.name))
+    return found
 
 
 def test_endpoints_left_running_are_stopped_when_python_exits(tmp_path):

@@ -141,3 +141,32 @@ def test_local_gpu_without_a_gpu_is_a_clear_error(tmp_path):
     with pytest.raises(DeviceError, match="local_gpu.*asks for a GPU but .*instance_type='local'"):
         estimator.fit()
     assert not (tmp_path / "jobs").exists()
+
+
+FLAKY_SCRIPT = """\
+import os
+marks = os.environ["SMCHAINER_CHECKPOINT_DIR"]
+runs = len(os.listdir(marks))
+open(os.path.join(marks, f"run-{runs}"), "w").close()
+if runs == 0:
+    raise RuntimeError("the first attempt fails")
+"""
+
+
+def test_max_retry_attempts_reruns_a_failed_job(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(FLAKY_SCRIPT)
+    estimator = Chainer(entry_point=str(script), jobs_dir=tmp_path / "jobs",
+                        max_retry_attempts=1)
+    assert "--max-restarts" in estimator.training_command({}, "j", tmp_path / "j")
+    estimator.fit(logs=False)
+    job = estimator.latest_training_job
+    assert job.status == "Completed"
+    first = (job.job_dir / "output" / "failure.attempt1").read_text()
+    assert first.startswith("RuntimeError: the first attempt fails")
+
+    never = Chainer(entry_point=str(script), jobs_dir=tmp_path / "jobs")
+    with pytest.raises(TrainingJobError, match="the first attempt fails"):
+        never.fit(logs=False, job_name="no-retries")
+    with pytest.raises(ValueError, match="max_retry_attempts must be a whole number"):
+        Chainer(entry_point=str(script), max_retry_attempts=-1)

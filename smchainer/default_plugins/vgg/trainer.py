@@ -23,6 +23,7 @@ from smchainer.default_plugins.vgg.extensions import (
     Checkpointer,
     LearningRateSchedule,
     RecordingEvaluator,
+    StopOnNotice,
     report_progress,
 )
 from smchainer.default_plugins.vgg.hyperparameters import Hyperparameters, resolve_kernels
@@ -99,8 +100,12 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     if master:
         report_progress(trainer, hp["progress-bar"])
     every = (hp["checkpoint-every"], "iteration") if hp["checkpoint-every"] else (1, "epoch")
-    checkpointer = Checkpointer(checkpoints, env.rank, env.size, hp["keep-checkpoints"], hp)
+    sync = env.checkpoint_sync
+    checkpointer = Checkpointer(checkpoints, env.rank, env.size, hp["keep-checkpoints"], hp,
+                                on_written=sync.notify if sync is not None else None)
     trainer.extend(checkpointer, trigger=every)
+    if env.preemption is not None:
+        trainer.extend(StopOnNotice(env.preemption, checkpointer, comm))
 
     checkpointer.resume(trainer, comm)
     first_iteration = updater.iteration
