@@ -122,7 +122,9 @@ def write_vgg_dir(folder: Path, model, input_shape=(3, 32, 32)) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     chainer.serializers.save_npz(str(folder / "model.npz"), model)
-    metadata = {"config": model.config()}
+    config = {"n_classes": model.n_classes, "width": model.width, "depth": model.depth,
+              "mean": [float(v) for v in model.mean], "std": [float(v) for v in model.std]}
+    metadata = {"config": config}
     if input_shape is not None:
         metadata["input_shape"] = list(input_shape)
     (folder / "smchainer-model.json").write_text(json.dumps(metadata))
