@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 # Rebuilt only when a project file changes, so a second `make install` is fast.
-$(STAMP): pyproject.toml build-constraints.txt $(wildcard plugins/*/pyproject.toml)
+$(STAMP): pyproject.toml setup.py build-constraints.txt $(wildcard plugins/*/pyproject.toml)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "pip>=25.3"
 	$(PY) -m pip install --quiet --build-constraint build-constraints.txt \

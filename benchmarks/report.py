@@ -117,7 +117,8 @@ def classify(path: Path, data: Any, folder_env: dict[Path, dict[str, Any]]) -> R
         else:
             machine = _cpu_label(data.get("machine") or data.get("host"))
         return Record(path, kind, data, when, machine, commit, _load(data.get("machine")))
-    if kind in ("inference_throughput", "serving_load", "mpi_scaling", "serving_faults"):
+    if kind in ("inference_throughput", "serving_load", "mpi_scaling", "serving_faults",
+                "startup"):
         machine = _cpu_label(data.get("machine"))
         if kind == "mpi_scaling" and data.get("device") == "gpu":
             machine = (data.get("gpu") or {}).get("gpu_name") or "unknown GPU"
@@ -386,6 +387,26 @@ def faults_rows(records: list[Record]) -> list[list[Any]]:
     return rows
 
 
+def startup_rows(records: list[Record]) -> list[list[Any]]:
+    """One row per startup record: a bare interpreter with and without the compat hook."""
+    rows = []
+    for r in records:
+        if r.kind != "startup":
+            continue
+        bare = r.data.get("bare_interpreter", {})
+        own = r.data.get("module_self_import_us") or []
+        chainer = r.data.get("import_chainer", {})
+        rows.append([r.date, r.machine, r.data.get("runs"),
+                     (bare.get("with_hook") or {}).get("median_ms"),
+                     (bare.get("without_hook") or {}).get("median_ms"),
+                     bare.get("ratio_median"),
+                     f"{min(own)}-{max(own)}" if own else "-",
+                     (chainer.get("through_the_hook") or {}).get("median_ms"),
+                     (chainer.get("after_import_smchainer_hook_off") or {}).get("median_ms"),
+                     load_text(r), commit_text(r), r.source])
+    return rows
+
+
 def serving_detail(records: list[Record]) -> str:
     """Every cell of the latest serving record."""
     latest = [r for r in records if r.kind == "serving_load"]
@@ -450,6 +471,17 @@ def render(records: list[Record], skipped: dict, plots: list[str], plot_prefix: 
                          "/ping p99 ms", "503s", "failed", "recovery s",
                          "refused after SIGTERM", "exit s", "load", "commit", "record"],
                         faults)]
+    startup = startup_rows(records)
+    if startup:  # a run of its own, not part of run_all.py
+        parts += ["", "### Interpreter start (`startup.py`: the `smchainer-compat.pth` hook)", "",
+                  "`python -c pass` with the hook and with `SMCHAINER_NO_COMPAT_HOOK=1` "
+                  "(medians, turns interleaved, bytecode cached), the hook module's own "
+                  "import time from `-X importtime`, and `import chainer` through the hook "
+                  "or after `import smchainer`.", "",
+                  table(["date", "machine", "runs", "with hook ms", "hook off ms",
+                         "with / off", "module import us", "import chainer (hook) ms",
+                         "import smchainer, chainer ms", "load", "commit", "record"],
+                        startup)]
     if plots:
         parts += ["### Plots", ""] + [f"![{p}]({plot_prefix}/{p})" for p in plots] + [""]
     if skipped["unrecognised"] or skipped["unreadable"]:

@@ -2,10 +2,13 @@
 # # CIFAR-10 with VGG: the SageMaker Chainer notebook, on this machine
 #
 # The flow of the SageMaker example notebook "Training and hosting a Chainer
-# model on CIFAR-10": make the data, upload it, train the VGG script with
-# `Chainer(...).fit(...)`, look at the plots, deploy, predict, delete the
-# endpoint. Only the imports changed (`smchainer.api` instead of
-# `sagemaker`), and `instance_type` is `local` (CPU) or `local_gpu`.
+# model on CIFAR-10", its cells in order: import Chainer, make the data,
+# upload it, train the VGG script with `Chainer(...).fit(...)`, look at the
+# plots, deploy, predict, `chainer_estimator.delete_endpoint()`. Only the
+# imports changed (`smchainer.api` instead of `sagemaker`), and
+# `instance_type` is `local` (CPU) or `local_gpu`. `import chainer` comes
+# first, as in the notebook: in an environment with smchainer it works in any
+# interpreter (see the README's "import chainer" section).
 #
 # It is sized to run on a CPU in a few minutes: a subset of CIFAR-10 and a
 # narrow VGG. Run it as a script (`.venv/bin/python examples/cifar10_notebook.py`)
@@ -21,6 +24,11 @@
 # | `SMCHAINER_EXAMPLE_INSTANCES` | 1 | 2 or more: data-parallel with ChainerMN under MPI |
 # | `SMCHAINER_EXAMPLE_INSTANCE_TYPE` | `local` | `local_gpu` for the GPUs |
 # | `SMCHAINER_DEFAULT_BUCKET`, `AWS_ENDPOINT_URL` | unset | upload to this S3 bucket |
+
+# %%
+import chainer
+
+print("chainer", chainer.__version__)
 
 # %%
 import io
@@ -154,17 +162,25 @@ for plot in ("loss.png", "accuracy.png"):
 
 # %%
 predictor = chainer_estimator.deploy(initial_instance_count=1, instance_type=INSTANCE_TYPE)
-try:
-    correct = 0
-    for start in range(0, len(test_data), 100):
-        logits = predictor.predict(test_data[start:start + 100])
-        correct += int((logits.argmax(axis=1) == test_labels[start:start + 100]).sum())
-    accuracy = correct / len(test_data)
-    print(f"test accuracy: {accuracy:.3f} on {len(test_data)} images (chance: 0.100)")
-    picks = np.arange(0, len(test_data), TEST_PER_CLASS)  # one image of each class
-    sample = predictor.predict(test_data[picks]).argmax(axis=1)
-    print("predicted:", [CLASSES[i] for i in sample])
-    print("actual:   ", [CLASSES[i] for i in test_labels[picks]])
-finally:
-    predictor.delete_endpoint()  # stops the server and its workers
+
+# %%
+correct = 0
+for start in range(0, len(test_data), 100):
+    logits = predictor.predict(test_data[start:start + 100])
+    correct += int((logits.argmax(axis=1) == test_labels[start:start + 100]).sum())
+accuracy = correct / len(test_data)
+print(f"test accuracy: {accuracy:.3f} on {len(test_data)} images (chance: 0.100)")
+picks = np.arange(0, len(test_data), TEST_PER_CLASS)  # one image of each class
+sample = predictor.predict(test_data[picks]).argmax(axis=1)
+print("predicted:", [CLASSES[i] for i in sample])
+print("actual:   ", [CLASSES[i] for i in test_labels[picks]])
+
+# %% [markdown]
+# ## Delete the endpoint
+#
+# The notebook's last cell: the server and its workers stop. (An endpoint
+# still running when Python exits is stopped too.)
+
+# %%
+chainer_estimator.delete_endpoint()
 print("endpoint deleted")

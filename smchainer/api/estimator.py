@@ -14,6 +14,7 @@ All run on this machine unless a ``hostfile`` names others.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from smchainer import storage
+from smchainer.api.endpoint import find_endpoint
 from smchainer.api.local_mode import (
     LOCAL_GPU,
     device_environment,
@@ -38,7 +40,7 @@ from smchainer.api.local_mode import (
 from smchainer.api.model import Model
 from smchainer.api.session import Session, local_path
 from smchainer.errors import SmchainerError
-from smchainer.training.config import DEFAULT_GRACE_PERIOD, JobSpec, new_job_name
+from smchainer.training.config import DEFAULT_GRACE_PERIOD, JOB_RECORD, JobSpec, new_job_name
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +91,23 @@ class TrainingJob:
                                             start_new_session=True)
         self._printed = 0
 
+    @classmethod
+    def finished(cls, name: str, job_dir: Path, model_data: str,
+                 output_data: str) -> TrainingJob:
+        """A job that completed before this process (:meth:`Estimator.attach`)."""
+        job = cls.__new__(cls)
+        job.name = job.job_name = name
+        job.job_dir = job_dir
+        job.command = []
+        job._model_data, job._output_data = model_data, output_data
+        job.grace_period = DEFAULT_GRACE_PERIOD
+        job.status = "Completed"
+        job.failure_reason = None
+        job.log_path = job_dir / LOG_FILE
+        job.process = None
+        job._printed = 0
+        return job
+
     @property
     def model_data(self) -> str | None:
         """``model.tar.gz`` (path or ``s3://`` URI) once the job completed."""
@@ -113,6 +132,8 @@ class TrainingJob:
     def wait(self, logs: bool | str = True) -> TrainingJob:
         """Wait for the job, printing its output when ``logs``; raise if it failed."""
         show = logs not in (False, None, "None")
+        if self.process is None:  # attached: it finished before this process
+            return self
         try:
             while self.process.poll() is None:
                 if show:
@@ -170,7 +191,7 @@ class TrainingJob:
         """
         if timeout is None:
             timeout = self.grace_period + STOP_MARGIN
-        if self.process.poll() is None:
+        if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
@@ -179,7 +200,8 @@ class TrainingJob:
                 self.process.wait()
         if self.status == "InProgress":
             self.status = "Stopped"
-            self.failure_reason = self._reason(self.process.returncode)
+            self.failure_reason = self._reason(self.process.returncode
+                                               if self.process is not None else None)
 
     def describe(self) -> dict[str, Any]:
         """A ``DescribeTrainingJob``-like summary."""
@@ -215,7 +237,8 @@ class Estimator:
         resuming from its newest snapshot (``smchainer-train --max-restarts``).
         SageMaker retries only its own internal errors; here any failure is retried
         but a usage error and a stopped job.
-    :param environment: extra environment variables of the job.
+    :param environment: extra environment variables of the job, on every rank and
+        host (``smchainer-train --env``).
     :param sagemaker_session: a :class:`~smchainer.api.session.Session` (S3 endpoint).
     :param hostfile: an Open MPI hostfile, to run the processes on several hosts.
     :param jobs_dir: the folder of job trees (default ``./jobs``, as ``smchainer-train``).
@@ -275,6 +298,7 @@ class Estimator:
         self.jobs_dir = (local_path(jobs_dir) if jobs_dir is not None
                          else Path.cwd() / "jobs").resolve()
         self.latest_training_job: TrainingJob | None = None
+        self._endpoint_name: str | None = None
         if checkpoint_s3_uri is not None and not storage.is_s3_uri(checkpoint_s3_uri):
             raise ValueError(f"checkpoint_s3_uri {checkpoint_s3_uri!r} is not an s3:// URI")
         if additional_mpi_options:
@@ -358,6 +382,7 @@ class Estimator:
             job_dir=job_dir,
             job_name=job_name,
             output_path=output_path,
+            environment=dict(self.environment),
             checkpoint_dir=(local_path(self.checkpoint_local_path).resolve()
                             if self.checkpoint_local_path is not None else None),
             checkpoint_s3_uri=self.checkpoint_s3_uri,
@@ -452,10 +477,70 @@ class Estimator:
                **kwargs: Any) -> Any:
         """Serve the latest job's model locally; see :meth:`Model.deploy`."""
         model = self.create_model(env=env)
-        return model.deploy(initial_instance_count=initial_instance_count,
-                            instance_type=instance_type, serializer=serializer,
-                            deserializer=deserializer, endpoint_name=endpoint_name,
-                            wait=wait, model_server_workers=model_server_workers, **kwargs)
+        predictor = model.deploy(initial_instance_count=initial_instance_count,
+                                 instance_type=instance_type, serializer=serializer,
+                                 deserializer=deserializer, endpoint_name=endpoint_name,
+                                 wait=wait, model_server_workers=model_server_workers,
+                                 **kwargs)
+        self._endpoint_name = getattr(predictor, "endpoint_name", None)
+        return predictor
+
+    def delete_endpoint(self) -> None:
+        """Stop the endpoint :meth:`deploy` started (SDK v1's call that notebooks end with)."""
+        if self._endpoint_name is None:
+            raise SmchainerError("no endpoint to delete: deploy() starts one")
+        endpoint = find_endpoint(self._endpoint_name)
+        if endpoint is None:
+            logger.warning("endpoint %s is not running", self._endpoint_name)
+        else:
+            endpoint.stop()
+        self._endpoint_name = None
+
+    @classmethod
+    def attach(cls, training_job_name: str, sagemaker_session: Session | None = None,
+               jobs_dir: str | os.PathLike[str] | None = None, **aws_only: Any) -> Estimator:
+        """An estimator of the finished job ``training_job_name`` in ``jobs_dir`` (``./jobs``).
+
+        As the SDK's ``attach``: its entry point, source dir, hyperparameters,
+        processes and output path are the job's (``input/config/smchainer-job.json``,
+        written by every job), and ``model_data``, ``deploy()`` and
+        ``create_model()`` work as after its ``fit()``. A job still running,
+        or one that failed, raises :class:`~smchainer.errors.SmchainerError`.
+        """
+        warn_ignored(aws_only, "attach")
+        folder = (local_path(jobs_dir) if jobs_dir is not None else Path.cwd() / "jobs").resolve()
+        job_dir = folder / training_job_name
+        recorded = job_dir / "input" / "config" / JOB_RECORD
+        try:
+            spec = JobSpec.from_record(json.loads(recorded.read_text()))
+        except FileNotFoundError:
+            raise SmchainerError(f"no training job {training_job_name!r} in {folder} "
+                                 f"({recorded} does not exist)") from None
+        except (ValueError, TypeError, KeyError) as error:
+            raise SmchainerError(f"{recorded} cannot be read: {error}") from None
+        output = job_dir / "output"
+        if not (output / "success").exists():
+            state = "failed" if (output / "failure").exists() else "not finished"
+            raise SmchainerError(f"training job {training_job_name} {state}: only a completed "
+                                 "job can be attached")
+        assert spec.entry_point is not None
+        hyperparameters = {k: v for k, v in spec.hyperparameters.items()
+                           if not k.startswith("sagemaker_")}
+        # The job's own copy of the code, as create_model() after fit() uses it.
+        code_dir = job_dir / "code"
+        entry_point = (spec.entry_point.relative_to(spec.source_dir)
+                       if spec.source_dir is not None else Path(spec.entry_point.name))
+        estimator = cls(str(entry_point), source_dir=str(code_dir),
+                        hyperparameters=hyperparameters,
+                        num_processes=spec.num_processes,
+                        use_mpi=spec.num_processes is not None or None,
+                        output_path=spec.output_path,
+                        checkpoint_s3_uri=spec.checkpoint_s3_uri,
+                        sagemaker_session=sagemaker_session, jobs_dir=folder)
+        model_data, output_data = estimator._artifact_places(training_job_name, job_dir)
+        estimator.latest_training_job = TrainingJob.finished(
+            training_job_name, job_dir, model_data, output_data)
+        return estimator
 
 
 class Chainer(Estimator):

@@ -22,6 +22,12 @@ adjusts only the Chainer modules that need it, at the moment they are imported:
     CuPy 12-14: :mod:`smchainer.compat.cupy` keeps CuPy 13's cuDNN enabled
     under ``-W error``, makes ChainerMN's ``half`` kernels compile on CuPy 14
     and logs instead of warning that CuPy 14 lacks cuDNN.
+``chainer.training.extensions.print_report`` and ``...extensions.util``
+    ``PrintReport`` clears the screen (``ESC [J``) before each line and
+    ``ProgressBar`` redraws itself with cursor moves, into files and pipes as
+    well (``train.log``, a notebook's streamed log). Where the stream is not a
+    terminal, ``PrintReport`` writes its lines without the escapes and the
+    progress bar is not drawn.
 ``chainermn.communicators._memory_utility``
     ``unpack_params`` calls ``xp.array(v, copy=False, dtype=...)``, which NumPy 2
     and CuPy 14 refuse when the dtype differs (a copy is needed). Replaced by a
@@ -37,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import importlib.abc
 import importlib.machinery
+import re
 import sys
 import types
 from collections.abc import Callable, Sequence
@@ -133,6 +140,56 @@ def _fix_memory_utility(module: types.ModuleType) -> None:
     module.unpack_params = unpack_params  # type: ignore[attr-defined]
 
 
+def _is_terminal(stream: object) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty()) if isatty is not None else False
+    except (ValueError, OSError):  # a closed stream
+        return False
+
+
+class PlainTextStream:
+    """A stream that drops terminal control sequences unless it is a terminal."""
+
+    _CONTROL = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+    def __init__(self, stream: object) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if not _is_terminal(self._stream):
+            text = self._CONTROL.sub("", text)
+        return self._stream.write(text)  # type: ignore[attr-defined]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
+def _fix_print_report(module: types.ModuleType) -> None:
+    original = module.PrintReport.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._out = PlainTextStream(self._out)
+
+    __init__.__doc__ = original.__doc__
+    module.PrintReport.__init__ = __init__
+
+
+def _fix_progress_bar(module: types.ModuleType) -> None:
+    bar = module.ProgressBar
+    for name in ("update", "close"):
+        drawn = getattr(bar, name)
+
+        def only_on_a_terminal(self, _drawn=drawn):
+            if _is_terminal(self._out):
+                _drawn(self)
+
+        only_on_a_terminal.__name__ = name
+        only_on_a_terminal.__doc__ = drawn.__doc__
+        setattr(bar, name, only_on_a_terminal)
+
+
 # module name -> fix applied right after the module's own code ran
 _Fix = Callable[[types.ModuleType], None]
 _FIXES: dict[str, _Fix] = {
@@ -140,6 +197,8 @@ _FIXES: dict[str, _Fix] = {
     "chainer.functions.array.resize_images": _fix_resize_images,
     "chainermn.communicators._memory_utility": _fix_memory_utility,
     "chainer.backends.cuda": _cupy.fix_cuda_backend,
+    "chainer.training.extensions.print_report": _fix_print_report,
+    "chainer.training.extensions.util": _fix_progress_bar,
 }
 # module name -> context manager its own code runs inside
 _AROUND: dict[str, Callable[[], contextlib.AbstractContextManager]] = {

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--output-path", metavar="DIR|s3://BUCKET/PREFIX",
                      help="also copy or upload model.tar.gz and output.tar.gz to "
                      "<output path>/<job name>/output/")
+    job.add_argument("--env", action="append", metavar="NAME[=VALUE]",
+                     help="a variable for the script on every rank and host (repeatable); "
+                     "NAME alone passes on this environment's value")
     job.add_argument("--checkpoint-dir", metavar="DIR",
                      help="checkpoint folder (default <job dir>/checkpoints; "
                      "SMCHAINER_CHECKPOINT_DIR in the script)")

@@ -8,6 +8,7 @@ hyperparameters parse. Problems are :class:`~smchainer.errors.UsageError`
 A job file is a JSON object with the options' long names (dashes or
 underscores): ``entry_point``, ``source_dir``, ``channels`` (object),
 ``hyperparameters`` (object), ``job_dir``, ``job_name``, ``output_path``,
+``environment`` (object),
 ``checkpoint_dir``, ``checkpoint_s3_uri``, ``max_restarts``, ``grace_period``,
 ``num_processes``, ``hostfile``, ``mpi_options``, ``oversubscribe``. Relative
 paths in it are relative to the file. Options on the command line win;
@@ -40,9 +41,11 @@ TRAIN_MODULE = "smchainer.training.cli"
 
 JOB_FILE_KEYS = (
     "entry_point", "source_dir", "channels", "hyperparameters", "job_dir", "job_name",
-    "output_path", "checkpoint_dir", "checkpoint_s3_uri", "max_restarts", "grace_period",
-    "num_processes", "hostfile", "mpi_options", "oversubscribe",
+    "output_path", "environment", "checkpoint_dir", "checkpoint_s3_uri", "max_restarts",
+    "grace_period", "num_processes", "hostfile", "mpi_options", "oversubscribe",
 )
+#: The job's own description in ``input/config/`` (read back by ``Estimator.attach``).
+JOB_RECORD = "smchainer-job.json"
 #: Seconds a job has between SIGTERM and its hard stop (Kubernetes gives a pod 30 s).
 DEFAULT_GRACE_PERIOD = 25.0
 
@@ -58,6 +61,8 @@ class JobSpec:
     job_dir: Path | None = None
     job_name: str = ""
     output_path: str | None = None
+    #: Variables set for the job's script on every rank and host (``--env``).
+    environment: dict[str, str] = field(default_factory=dict)
     checkpoint_dir: Path | None = None
     checkpoint_s3_uri: str | None = None
     max_restarts: int = 0
@@ -98,6 +103,11 @@ class JobSpec:
             argv += ["--output-path", self.output_path]
         if self.checkpoint_dir is not None:
             argv += ["--checkpoint-dir", str(self.checkpoint_dir)]
+        if launch:
+            # By name: the child gets the values in its environment (run_attempt and
+            # the API set them), so that no secret is on a command line.
+            for name in sorted(self.environment):
+                argv += ["--env", name]
         if self.checkpoint_s3_uri is not None:
             argv += ["--checkpoint-s3-uri", self.checkpoint_s3_uri]
         if self.grace_period != DEFAULT_GRACE_PERIOD:
@@ -115,6 +125,23 @@ class JobSpec:
         if self.debug:
             argv.append("--debug")
         return argv
+
+    def to_record(self) -> dict[str, Any]:
+        """This job as JSON (paths as strings), for :data:`JOB_RECORD`."""
+        record: dict[str, Any] = {}
+        for name, value in vars(self).items():
+            if isinstance(value, Path):
+                value = str(value)
+            record[name] = value
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> JobSpec:
+        """The job :meth:`to_record` described (unknown keys are an error)."""
+        paths = {"entry_point", "source_dir", "job_dir", "checkpoint_dir", "hostfile"}
+        values = {name: Path(value) if name in paths and value is not None else value
+                  for name, value in record.items()}
+        return cls(**values)
 
     def command(self, *, launch: bool = False) -> list[str]:
         """``python -m smchainer.training.cli`` with :meth:`to_argv`, this Python's.
@@ -150,6 +177,23 @@ def load_hyperparameters_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UsageError(f"--hyperparameters {str(path)!r}: expected a JSON object")
     return {str(k): decode_value(v) for k, v in data.items()}
+
+
+_VARIABLE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_variable(text: str) -> tuple[str, str]:
+    """``"NAME=VALUE"`` -> its pair; ``"NAME"`` -> NAME and its value in this environment."""
+    name, sep, value = text.partition("=")
+    if not _VARIABLE_NAME.match(name):
+        raise UsageError(f"--env {text!r}: expected NAME=VALUE or NAME, NAME made of letters, "
+                         "digits and '_'")
+    if not sep:
+        if name not in os.environ:
+            raise UsageError(f"--env {name}: {name} is not set in this environment "
+                             "(give NAME=VALUE)")
+        value = os.environ[name]
+    return name, value
 
 
 def parse_channel(text: str) -> tuple[str, str]:
@@ -219,7 +263,7 @@ def load_job_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"--job-file {str(path)!r}: unknown keys {', '.join(unknown)}; "
             f"known: {', '.join(JOB_FILE_KEYS)}"
         )
-    for key in ("channels", "hyperparameters"):
+    for key in ("channels", "hyperparameters", "environment"):
         if key in options and not isinstance(options[key], dict):
             raise UsageError(f"--job-file {str(path)!r}: {key!r} must be a JSON object")
     options["base"] = Path(path).resolve().parent
@@ -300,6 +344,11 @@ def build_spec(args: Any) -> JobSpec:
             spec.output_path = output_path
         else:
             spec.output_path = str((output_base / output_path).resolve())
+    environment = {str(k): str(v) for k, v in job.get("environment", {}).items()}
+    for text in args.env or ():
+        name, value = parse_variable(text)
+        environment[name] = value
+    spec.environment = environment
     checkpoint_dir, checkpoint_base = option("checkpoint_dir")
     if checkpoint_dir is not None:
         spec.checkpoint_dir = (checkpoint_base / checkpoint_dir).resolve()

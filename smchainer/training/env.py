@@ -70,20 +70,32 @@ class TrainingEnv:
         return self.size > 1
 
     @property
+    def rank_dir(self) -> Path:
+        """The root of this rank's own folders: the job dir for rank 0, else ``ranks/<rank>``.
+
+        Ranks on one host (or on hosts sharing the job dir) would otherwise
+        write over one another's ``model/`` and ``output/data/``, as ranks on
+        separate SageMaker instances never do; rank 0's folders are the ones
+        packed into ``model.tar.gz`` and ``output.tar.gz``.
+        """
+        return self.job_dir if self.rank == 0 else self.job_dir / "ranks" / str(self.rank)
+
+    @property
     def model_dir(self) -> Path:
-        return self.job_dir / "model"
+        return self.rank_dir / "model"
 
     @property
     def output_dir(self) -> Path:
+        """``output/`` of the job (``success``, ``failure``): one for all ranks."""
         return self.job_dir / "output"
 
     @property
     def output_data_dir(self) -> Path:
-        return self.job_dir / "output" / "data"
+        return self.rank_dir / "output" / "data"
 
     @property
     def output_intermediate_dir(self) -> Path:
-        return self.job_dir / "output" / "intermediate"
+        return self.rank_dir / "output" / "intermediate"
 
     @property
     def input_dir(self) -> Path:

@@ -25,7 +25,8 @@ The mpirun command is built here so that a user need not know Open MPI's flags:
   the job (Open MPI 5's name for ``orte_abort_on_non_zero_status``);
 - ``--oversubscribe`` when asked, or when there is no hostfile and N is more
   than this machine's CPUs (Open MPI would otherwise refuse to start);
-- ``-x NAME`` for every variable a rank needs on another host: ``SM_*``,
+- ``-x NAME`` for every ``--env`` variable and every one a rank needs on
+  another host: ``SM_*``,
   ``NCCL_*``, ``AWS_*``, ``SMCHAINER_*``, ``SAGEMAKER_*``, ``CHAINERMN_*``,
   ``OMPI_ALLOW_RUN_AS_ROOT*``, ``PATH``, ``LD_LIBRARY_PATH``, ``PYTHONPATH``,
   ``OMP_NUM_THREADS`` (by name only, so no secret appears on the command line);
@@ -108,7 +109,7 @@ def mpirun_command(spec: JobSpec, environ: Mapping[str, str] | None = None) -> l
             logger.info("%d processes on %d CPUs: adding --oversubscribe",
                         spec.num_processes, cpus)
         command.append("--oversubscribe")
-    for name in forwarded_variables(environ):
+    for name in sorted({*forwarded_variables(environ), *spec.environment}):
         command += ["-x", name]
     command += spec.mpi_options
     command += spec.command()
@@ -118,6 +119,7 @@ def mpirun_command(spec: JobSpec, environ: Mapping[str, str] | None = None) -> l
 def launch(spec: JobSpec, environ: Mapping[str, str] | None = None) -> int:
     """Run the job under mpirun; return mpirun's exit status (see :func:`run_with_mpirun`)."""
     env = dict(os.environ if environ is None else environ)
+    env.update(spec.environment)  # --env: to every rank, by name (-x)
     if spec.hostfile is None and spec.num_processes and "OMP_NUM_THREADS" not in env:
         # One BLAS thread per core per rank: N ranks each starting a thread per
         # core made CPU training several times slower here.
@@ -186,13 +188,14 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run_attempt(command: list[str], grace_period: float) -> tuple[int, str | None]:
+def run_attempt(command: list[str], grace_period: float,
+                env: Mapping[str, str] | None = None) -> tuple[int, str | None]:
     """Run one attempt as a child; its exit status, and the signal that stopped us, if any.
 
     SIGTERM and SIGINT that reach this process are passed on to the child
     (which has the grace period to stop); it is killed if it outlives that.
     """
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=env)
     stopped: str | None = None
 
     def pass_on(signum: int, frame: Any) -> None:
@@ -248,7 +251,8 @@ def run_with_restarts(spec: JobSpec, log_level: int = logging.INFO) -> int:
     for attempt in range(1, attempts + 1):
         if attempt > 1:
             logger.warning("restarting the job: attempt %d of %d", attempt, attempts)
-        code, stopped = run_attempt(command, spec.grace_period)
+        code, stopped = run_attempt(command, spec.grace_period,
+                                    {**os.environ, **spec.environment})
         if code == 0:
             if reasons:
                 logger.info("the job succeeded on attempt %d of %d", attempt, attempts)

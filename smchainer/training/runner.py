@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -46,7 +47,7 @@ from smchainer.device import check_rank_device, cpu_count, gpu_count, rank_devic
 from smchainer.errors import SmchainerError
 from smchainer.training import sm_env
 from smchainer.training.checkpoint_sync import CheckpointSync
-from smchainer.training.config import JobSpec, new_job_name, resolve_job
+from smchainer.training.config import JOB_RECORD, JobSpec, new_job_name, resolve_job
 from smchainer.training.env import TrainingEnv
 from smchainer.training.mpi import World
 from smchainer.training.preemption import SIGINT_EXIT, SIGTERM_EXIT, Preemption, Terminated
@@ -200,9 +201,9 @@ def install_requirements(code_dir: Path) -> None:
         )
 
 
-def write_config_files(env: TrainingEnv) -> None:
+def write_config_files(spec: JobSpec, env: TrainingEnv) -> None:
     """``hyperparameters.json`` (every value JSON-encoded, as the SDK writes it),
-    ``inputdataconfig.json`` and ``resourceconfig.json``."""
+    ``inputdataconfig.json``, ``resourceconfig.json`` and the job's own record."""
     config = env.input_config_dir
     config.mkdir(parents=True, exist_ok=True)
     hyperparameters = {k: json.dumps(v) for k, v in sorted(env.hyperparameters.items())}
@@ -211,6 +212,9 @@ def write_config_files(env: TrainingEnv) -> None:
         json.dumps(sm_env.input_data_config(env.channels), indent=2))
     (config / "resourceconfig.json").write_text(
         json.dumps(sm_env.resource_config(env), indent=2))
+    # The ranks' spec has no --num-processes: the record says how many there were.
+    recorded = replace(spec, num_processes=env.size if env.size > 1 else None)
+    (config / JOB_RECORD).write_text(json.dumps(recorded.to_record(), indent=2))
 
 
 def prepare_host(spec: JobSpec, env: TrainingEnv, token: str) -> CheckpointSync | None:
@@ -235,7 +239,7 @@ def prepare_host(spec: JobSpec, env: TrainingEnv, token: str) -> CheckpointSync 
         if restored:
             logger.info("checkpoints: %d file(s) from %s in %s", restored,
                         spec.checkpoint_s3_uri, env.checkpoints)
-    write_config_files(env)
+    write_config_files(spec, env)
     if spec.entry_point is not None:
         install_requirements(env.code_dir)
     (env.job_dir / MARKER).write_text(token)
@@ -263,9 +267,11 @@ def prepare(spec: JobSpec, env: TrainingEnv, world: World) -> CheckpointSync | N
     return sync
 
 
-def export_environment(env: TrainingEnv, world: World) -> dict[str, str]:
-    """Set the SM_* contract (and the abort switch under MPI) in ``os.environ``."""
-    variables = sm_env.sm_variables(env)
+def export_environment(spec: JobSpec, env: TrainingEnv, world: World) -> dict[str, str]:
+    """Set the job's ``--env`` variables, the SM_* contract (and the abort switch under
+    MPI) in ``os.environ``; the contract's names win."""
+    variables = dict(spec.environment)
+    variables.update(sm_env.sm_variables(env))
     variables[CHECKPOINT_ENV] = str(env.checkpoints)
     # Where this process stands in the job, for scripts that do not ask MPI.
     variables.update(SMCHAINER_RANK=str(env.rank), SMCHAINER_SIZE=str(env.size),
@@ -495,9 +501,11 @@ def run_job(spec: JobSpec, world: World, log_level: int = logging.INFO) -> int:
         env = build_env(spec, world, log_level)
         env.preemption = preemption
         sync = env.checkpoint_sync = prepare(spec, env, world)
+        for folder in (env.model_dir, env.output_data_dir, env.output_intermediate_dir):
+            folder.mkdir(parents=True, exist_ok=True)  # this rank's own (TrainingEnv.rank_dir)
         if sync is not None:
             sync.start()
-        export_environment(env, world)
+        export_environment(spec, env, world)
         if spec.entry_point is not None:
             run_script(env)
         else:

@@ -45,9 +45,10 @@ def test_stop_ends_every_rank_of_a_two_process_job(tmp_path):
     estimator = Chainer(entry_point=str(script), jobs_dir=tmp_path / "jobs", instance_count=2)
     estimator.fit(wait=False)
     job = estimator.latest_training_job
-    data = job.job_dir / "output" / "data"
+    started = [job.job_dir / "output" / "data" / "started-0",
+               job.job_dir / "ranks" / "1" / "output" / "data" / "started-1"]
     deadline = time.monotonic() + 60
-    while len(list(data.glob("started-*"))) < 2:
+    while not all(path.exists() for path in started):
         assert job.process.poll() is None, job.log_tail()
         assert time.monotonic() < deadline, job.log_tail()
         time.sleep(0.1)

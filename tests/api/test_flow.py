@@ -142,3 +142,31 @@ def test_workers_follow_the_instance_count(trained, test_images):
     finally:
         predictor.delete_endpoint()
     assert not any(alive(pid) for pid in pids)
+
+
+def test_the_estimator_deletes_the_endpoint_it_deployed(trained, test_images):
+    images, _ = test_images
+    with pytest.raises(Exception, match="no endpoint to delete"):
+        Chainer(entry_point="train.py", source_dir=str(EXAMPLE)).delete_endpoint()
+    predictor = trained.deploy(initial_instance_count=1, instance_type="local")
+    pids = predictor.endpoint.process_ids()
+    assert predictor.predict(images[:2]).shape == (2, 10)
+    trained.delete_endpoint()  # SDK v1's last notebook cell
+    assert pids and not any(alive(pid) for pid in pids)
+    with pytest.raises(Exception, match="no endpoint to delete"):
+        trained.delete_endpoint()
+
+
+def test_attach_serves_a_job_trained_before(trained, test_images):
+    images, _ = test_images
+    attached = Chainer.attach(trained.latest_training_job.name,
+                              jobs_dir=trained.jobs_dir)
+    assert attached.model_data == trained.model_data
+    assert attached.hyperparameters() == trained.hyperparameters()
+    assert attached.entry_point == "train.py"
+    with attached.deploy(initial_instance_count=1, instance_type="local") as predictor:
+        np.testing.assert_allclose(predictor.predict(images[:4]),
+                                   reference_logits(trained.job_dir / "model", images[:4]),
+                                   rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="no training job 'nope'"):
+        Chainer.attach("nope", jobs_dir=trained.jobs_dir)

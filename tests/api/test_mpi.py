@@ -44,3 +44,21 @@ def test_two_instances_train_data_parallel_then_serve(cifar_channels, tmp_path, 
         logits = predictor.predict(images)
         assert logits.shape == (16, 10) and np.isfinite(logits).all()
     assert pids and not any(alive(pid) for pid in pids)
+
+
+def test_the_environment_reaches_both_ranks_and_each_keeps_its_output(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import os\n"
+        "rank = os.environ['SMCHAINER_RANK']\n"
+        "out = os.path.join(os.environ['SM_OUTPUT_DATA_DIR'], 'seen.txt')\n"
+        "open(out, 'w').write(rank + ':' + os.environ.get('MY_SETTING', '-'))\n")
+    estimator = Chainer(entry_point=str(script), instance_count=2, jobs_dir=tmp_path / "jobs",
+                        environment={"MY_SETTING": "from the notebook"})
+    estimator.fit(logs=False)
+    job_dir = estimator.latest_training_job.job_dir
+    assert (job_dir / "output" / "data" / "seen.txt").read_text() == "0:from the notebook"
+    assert (job_dir / "ranks" / "1" / "output" / "data" / "seen.txt").read_text() == \
+        "1:from the notebook"
+    command = " ".join(estimator.latest_training_job.command)
+    assert "--env MY_SETTING" in command and "from the notebook" not in command

@@ -33,6 +33,7 @@ def test_the_cifar10_notebook_runs_on_s3_data_with_two_instances(
                             env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
+    assert out.startswith("chainer 7.8.1\n")  # its first cell: import chainer, nothing before
     assert f"train: s3://{s3_bucket}/notebook/chainer_cifar/train" in out
     assert "ChainerMN: 2 processes" in out
     accuracy = re.search(r"test accuracy: ([0-9.]+) on 50 images", out)
@@ -42,6 +43,13 @@ def test_the_cifar10_notebook_runs_on_s3_data_with_two_instances(
         assert (tmp_path / "artifacts" / plot).read_bytes()[:4] == b"\x89PNG"
     # Nothing the notebook started (the server names its model in the work folder) still runs.
     assert processes_mentioning(str(tmp_path)) == []
+
+
+def test_the_notebook_starts_with_import_chainer_and_ends_deleting_the_endpoint():
+    code = [line for line in NOTEBOOK.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+    assert code[0] == "import chainer"
+    assert code[-2:] == ["chainer_estimator.delete_endpoint()", 'print("endpoint deleted")']
 
 
 def processes_mentioning(text: str) -> list[int]:

@@ -37,8 +37,13 @@ def assert_failure_reported(job: Path, output: str) -> None:
     assert not (job / "output" / "success").exists()
 
 
+def rank_data(job: Path, rank: int) -> Path:
+    """A rank's ``SM_OUTPUT_DATA_DIR``: ``output/data`` for rank 0, ``ranks/<r>/...`` else."""
+    return job / "output" / "data" if rank == 0 else job / "ranks" / str(rank) / "output" / "data"
+
+
 def received(job: Path, rank: int) -> dict:
-    return json.loads((job / "output" / "data" / f"received-{rank}.json").read_text())
+    return json.loads((rank_data(job, rank) / f"received-{rank}.json").read_text())
 
 
 @pytest.mark.parametrize("slots", [1, 2])
@@ -57,7 +62,7 @@ def test_ranks_on_two_hosts_train_to_the_same_weights(cluster, tmp_path, slots) 
     assert [env["SMCHAINER_LOCAL_RANK"] for env in envs] == [str(i) for i in range(slots)] * 2
     first = np.load(job / "output" / "data" / "weights-0.npz")
     for rank in range(1, size):
-        other = np.load(job / "output" / "data" / f"weights-{rank}.npz")
+        other = np.load(rank_data(job, rank) / f"weights-{rank}.npz")
         for name in first.files:
             np.testing.assert_array_equal(first[name], other[name], err_msg=f"{rank} {name}")
     assert (job / "output" / "success").exists()
@@ -77,7 +82,7 @@ def fail_mid_training(cluster, job: Path, fault) -> tuple[int, str, float]:
                           stderr=subprocess.STDOUT, text=True) as process:
         try:
             deadline = time.monotonic() + 90
-            while not (job / "output" / "data" / "received-1.json").exists():
+            while not (rank_data(job, 1) / "received-1.json").exists():
                 assert process.poll() is None, process.stdout.read()
                 assert time.monotonic() < deadline, "the job never started"
                 time.sleep(0.5)

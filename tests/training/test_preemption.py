@@ -163,6 +163,11 @@ HANDLER_SCRIPT = textwrap.dedent("""
 """)
 
 
+def data_dir(job: Path, rank: int) -> Path:
+    """A rank's ``SM_OUTPUT_DATA_DIR``: rank 0's in ``output/``, the others' under ``ranks/``."""
+    return job / "output" / "data" if rank == 0 else job / "ranks" / str(rank) / "output" / "data"
+
+
 def start_script(tmp_path: Path, *extra: str, **env: str) -> tuple[subprocess.Popen, Path]:
     script = tmp_path / "train.py"
     script.write_text(HANDLER_SCRIPT)
@@ -173,7 +178,7 @@ def start_script(tmp_path: Path, *extra: str, **env: str) -> tuple[subprocess.Po
          f"train={tmp_path / 'data'}", "--job-dir", str(job), "--num-processes", "2", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(**env))
     for rank in (0, 1):
-        wait_for(job / "output" / "data" / f"started-{rank}", process)
+        wait_for(data_dir(job, rank) / f"started-{rank}", process)
     return process, job
 
 
@@ -186,7 +191,7 @@ def test_a_script_gets_sigterm_on_every_rank_as_sagemaker_gives_it(tmp_path) -> 
         if process.poll() is None:
             process.kill()
     for rank in (0, 1):  # SIGTERM, though mpirun carried it as SIGUSR1
-        assert (job / "output" / "data" / f"signal-{rank}").read_text() == "SIGTERM"
+        assert (data_dir(job, rank) / f"signal-{rank}").read_text() == "SIGTERM"
     assert process.returncode == 143, stderr[-3000:]
     assert (job / "output" / "failure").read_text().startswith("Interrupted: SIGTERM")
 

@@ -22,6 +22,11 @@ def weights(path) -> dict[str, np.ndarray]:
         return {name: data[name] for name in data.files}
 
 
+def rank_data(job, rank: int):
+    """A rank's ``SM_OUTPUT_DATA_DIR``: ``output/data`` for rank 0, ``ranks/<r>/...`` else."""
+    return job / "output" / "data" if rank == 0 else job / "ranks" / str(rank) / "output" / "data"
+
+
 def test_two_ranks_train_with_chainermn_and_agree_on_the_weights(tmp_path) -> None:
     data = tmp_path / "data"
     tiny_dataset(data)
@@ -30,8 +35,8 @@ def test_two_ranks_train_with_chainermn_and_agree_on_the_weights(tmp_path) -> No
                           "--hp", "communicator=naive", "--hp", "epochs=2",
                           "--job-dir", str(job))
     assert result.returncode == 0, result.stdout + result.stderr
-    out = job / "output" / "data"
-    first, second = weights(out / "weights-0.npz"), weights(out / "weights-1.npz")
+    first = weights(rank_data(job, 0) / "weights-0.npz")
+    second = weights(rank_data(job, 1) / "weights-1.npz")
     assert sorted(first) == ["/predictor/l1/W", "/predictor/l1/b", "/predictor/l2/W",
                              "/predictor/l2/b"]
     for name in first:
@@ -42,7 +47,7 @@ def test_two_ranks_train_with_chainermn_and_agree_on_the_weights(tmp_path) -> No
 
     host = socket.gethostname()
     for rank in (0, 1):
-        env = json.loads((out / f"received-{rank}.json").read_text())["env"]
+        env = json.loads((rank_data(job, rank) / f"received-{rank}.json").read_text())["env"]
         assert env["SM_HOSTS"] == json.dumps([host])
         assert env["SM_CURRENT_HOST"] == host
         assert env["SM_NUM_GPUS"] == "0"
@@ -51,7 +56,9 @@ def test_two_ranks_train_with_chainermn_and_agree_on_the_weights(tmp_path) -> No
         assert "CHAINERMN_FORCE_ABORT_ON_EXCEPTIONS" not in env
     assert (job / "output" / "success").exists()
     assert tar_names(job / "model.tar.gz") == ["model.npz"]
-    assert "weights-1.npz" in tar_names(job / "output.tar.gz")
+    # Rank 0's folder is what is packed; rank 1 kept its own (ranks/1/...).
+    packed = tar_names(job / "output.tar.gz")
+    assert "weights-0.npz" in packed and "weights-1.npz" not in packed
 
 
 def test_one_failing_rank_ends_the_whole_job_quickly(tmp_path) -> None:
@@ -93,8 +100,8 @@ def test_num_processes_starts_mpirun_and_prints_it(tmp_path) -> None:
     assert command[command.index("--job-dir") + 1] == str(job)
     assert (job / "output" / "success").exists()
     assert tar_names(job / "model.tar.gz") == ["model.npz"]
-    assert sorted(p.name for p in (job / "output" / "data").glob("received-*")) == [
-        "received-0.json", "received-1.json"]
+    assert [p.name for p in rank_data(job, 0).glob("received-*")] == ["received-0.json"]
+    assert [p.name for p in rank_data(job, 1).glob("received-*")] == ["received-1.json"]
 
 
 def test_the_built_in_trainer_on_two_ranks_uses_the_runners_mpi_world(tmp_path) -> None:

@@ -46,7 +46,7 @@ HYPERPARAMETERS: dict[str, tuple[type, Any, str]] = {
     "train-samples": (int, 0, "use a seeded random subset of this many training images (0: all)"),
     "test-samples": (int, 0, "use a seeded random subset of this many test images (0: all)"),
     "eval-batch-size": (int, 256, "images per evaluation batch"),
-    "progress-bar": (bool, True, "show Chainer's progress bar on rank 0"),
+    "progress-bar": (bool, True, "show Chainer's progress bar on rank 0 (on a terminal only)"),
     "cache-dir": (str, None, "decoded-image cache folder (see smchainer.datasets)"),
 }
 
