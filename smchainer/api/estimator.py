@@ -37,6 +37,7 @@ from smchainer.api.local_mode import (
     resolve_instance_type,
     warn_ignored,
 )
+from smchainer.api.metrics import check_definitions, final_metrics, metric_values
 from smchainer.api.model import Model
 from smchainer.api.session import Session, local_path
 from smchainer.errors import SmchainerError
@@ -81,6 +82,8 @@ class TrainingJob:
         self._model_data = model_data
         self._output_data = output_data
         self.grace_period = grace_period
+        #: The estimator's ``metric_definitions`` (``describe()``'s ``FinalMetricDataList``).
+        self.metric_definitions: list[dict[str, str]] = []
         self.status = "InProgress"
         self.failure_reason: str | None = None
         self.job_dir.mkdir(parents=True, exist_ok=True)
@@ -101,6 +104,7 @@ class TrainingJob:
         job.command = []
         job._model_data, job._output_data = model_data, output_data
         job.grace_period = DEFAULT_GRACE_PERIOD
+        job.metric_definitions = []
         job.status = "Completed"
         job.failure_reason = None
         job.log_path = job_dir / LOG_FILE
@@ -216,7 +220,21 @@ class TrainingJob:
         }
         if self.failure_reason:
             summary["FailureReason"] = self.failure_reason
+        if self.metric_definitions:
+            try:
+                log = self.log_path.read_text(errors="replace")
+            except OSError:
+                log = ""
+            summary["FinalMetricDataList"] = final_metrics(log, self.metric_definitions)
         return summary
+
+    def metrics(self) -> dict[str, list[float]]:
+        """Every value of each of the estimator's ``metric_definitions`` in the job's log."""
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            return {}
+        return metric_values(log, self.metric_definitions)
 
 
 class Estimator:
@@ -237,6 +255,9 @@ class Estimator:
         resuming from its newest snapshot (``smchainer-train --max-restarts``).
         SageMaker retries only its own internal errors; here any failure is retried
         but a usage error and a stopped job.
+    :param metric_definitions: ``[{"Name": ..., "Regex": ...}]``: metrics read from the
+        job's log (``latest_training_job.describe()["FinalMetricDataList"]``,
+        ``metrics()``), as SageMaker reads them from its logs.
     :param environment: extra environment variables of the job, on every rank and
         host (``smchainer-train --env``).
     :param sagemaker_session: a :class:`~smchainer.api.session.Session` (S3 endpoint).
@@ -258,6 +279,7 @@ class Estimator:
                  checkpoint_local_path: str | os.PathLike[str] | None = None,
                  max_retry_attempts: int | None = None,
                  base_job_name: str | None = None,
+                 metric_definitions: list[dict[str, str]] | None = None,
                  environment: dict[str, str] | None = None,
                  container_log_level: int | None = None,
                  sagemaker_session: Session | None = None,
@@ -291,6 +313,7 @@ class Estimator:
                              f"not {max_retry_attempts!r}")
         self.max_retry_attempts = max_retry_attempts or 0
         self.base_job_name = base_job_name
+        self.metric_definitions = check_definitions(metric_definitions)
         self.environment = dict(environment or {})
         self.container_log_level = container_log_level
         self.sagemaker_session = sagemaker_session or Session()
@@ -420,6 +443,7 @@ class Estimator:
         self.latest_training_job = TrainingJob(
             name, job_dir, self.training_command(channels, name, job_dir), env,
             model_data, output_data)
+        self.latest_training_job.metric_definitions = self.metric_definitions
         if wait:
             self.latest_training_job.wait(logs=logs)
 
