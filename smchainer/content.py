@@ -64,63 +64,99 @@ def media_type(header: str | None, default: str = DEFAULT_CONTENT_TYPE) -> str:
     return header.split(";", 1)[0].strip().lower()
 
 
+def accept_ranges(header: str) -> list[tuple[str, float]]:
+    """The ``(media range, q)`` pairs of an Accept header, as werkzeug parses them.
+
+    werkzeug reads what a hand-split would get wrong (quoted parameters with
+    commas, ``q`` outside [0, 1] or not a number: that range is left out); the
+    order is werkzeug's (q, then specificity, then the header's). Parameters
+    other than ``q`` are dropped and types lower-cased: the types served here
+    carry none, so ``application/json; charset=utf-8`` accepts JSON.
+    """
+    from werkzeug.datastructures import MIMEAccept
+    from werkzeug.http import parse_accept_header
+
+    return [(value.split(";", 1)[0].strip().lower(), float(quality))
+            for value, quality in parse_accept_header(header, MIMEAccept)]
+
+
 def parse_accept(header: str | None, default: str) -> list[str]:
     """Media ranges of an Accept header, the most preferred first.
 
-    q-values order the list (ties keep the header's order) and ``q=0`` ranges
-    are dropped. ``*/*`` and a missing header stand for ``default``. Ranges
-    such as ``application/*`` are kept for the encoder to resolve.
-    Raises :class:`NotAcceptable` when every range has ``q=0``.
+    q-values order the list and ``q=0`` ranges are dropped. ``*/*``, a
+    missing header and one with no valid range stand for ``default``. Ranges
+    such as ``application/*`` are kept. Raises :class:`NotAcceptable` when
+    every range has ``q=0``.
     """
     if not header or not header.strip():
         return [default]
-    ranked: list[tuple[float, int, str]] = []
-    for position, item in enumerate(header.split(",")):
-        if not item.strip():
-            continue
-        kind, *params = (part.strip() for part in item.split(";"))
-        quality = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip().lower() == "q":
-                try:
-                    quality = float(value)
-                except ValueError:
-                    quality = 0.0
-        if quality > 0:
-            ranked.append((-quality, position, kind.lower()))
-    if not ranked:
+    ranges = accept_ranges(header)
+    if not ranges:
+        return [default]
+    if all(quality == 0 for _, quality in ranges):
         raise NotAcceptable(f"Accept header {header!r} accepts nothing")
-    ranked.sort()
-    result: list[str] = []
-    for _, _, kind in ranked:
-        kind = default if kind == "*/*" else kind
-        if kind not in result:
-            result.append(kind)
-    return result
+    result = [default if kind == "*/*" else kind for kind, quality in ranges if quality > 0]
+    return list(dict.fromkeys(result))
+
+
+def _precedence(media_type: str, ranges: list[tuple[str, float]]) -> tuple[float, int, int] | None:
+    """``(q, specificity, position)`` of the most specific range covering ``media_type``.
+
+    RFC 9110, 12.5.1: ``type/subtype`` over ``type/*`` over ``*/*``, whatever
+    their q; so ``text/*;q=0.3, text/csv;q=0`` excludes CSV.
+    """
+    best: tuple[int, int, float] | None = None
+    for position, (kind, quality) in enumerate(ranges):
+        if kind == media_type:
+            rank = 0
+        elif kind.endswith("/*") and kind != "*/*" and media_type.startswith(kind[:-1]):
+            rank = 1
+        elif kind == "*/*":
+            rank = 2
+        else:
+            continue
+        if best is None or (rank, position) < best[:2]:
+            best = (rank, position, quality)
+    if best is None:
+        return None
+    return best[2], best[0], best[1]
 
 
 def acceptable_types(header: str | None, default: str,
                      supported: Sequence[str] = NUMPY_TYPES) -> list[str]:
     """What a client accepts, best first, for the output hooks to try in turn.
 
-    :func:`parse_accept`'s ranges, each ``type/*`` preceded by the
-    ``supported`` types it covers (the registered encoders' answers to it),
-    ``*/*`` standing for ``default``.
+    The ``supported`` types (the registered encoders', ``default`` first) the
+    header accepts, each at the q of the most specific range that covers it
+    (:func:`_precedence`), best q first; then the header's other concrete
+    types, for an output hook that answers a type it did not declare.
+    Wildcards are resolved here, so no later step can bring back a type the
+    client excluded with ``q=0``. A missing header, or one with no valid
+    range, gives ``default``.
 
-    :raises NotAcceptable: when the header accepts nothing.
+    :raises NotAcceptable: when the header accepts none of these.
     """
-    candidates: list[str] = []
-    try:
-        ranges = parse_accept(header, default)
-    except NotAcceptable as error:
-        raise NotAcceptable(f"{error}; supported: {', '.join(supported)}") from None
-    for media_range in ranges:
-        if media_range.endswith("/*"):
-            prefix = media_range[:-1]
-            candidates += [t for t in supported if t.startswith(prefix)]
-        candidates.append(media_range)
-    return list(dict.fromkeys(candidates))
+    if not header or not header.strip():
+        return [default]
+    ranges = accept_ranges(header)
+    if not ranges:
+        return [default]
+    types = list(dict.fromkeys([default, *supported]))
+    ranked = []
+    for index, media_type in enumerate(types):
+        found = _precedence(media_type, ranges)
+        if found is not None and found[0] > 0:
+            ranked.append(((-found[0], found[1], found[2], index), media_type))
+    candidates = [media_type for _, media_type in sorted(ranked)]
+    for kind, quality in ranges:
+        if quality > 0 and "*" not in kind and kind not in types:
+            candidates.append(kind)
+    if not candidates:
+        reason = ("accepts nothing" if all(q == 0 for _, q in ranges)
+                  else "accepts none of the supported types")
+        raise NotAcceptable(f"Accept header {header!r} {reason}; supported: "
+                            f"{', '.join(dict.fromkeys(supported))}")
+    return candidates
 
 
 def match_media_range(media_range: str, supported: tuple[str, ...]) -> str | None:

@@ -41,6 +41,37 @@ def test_accept_that_refuses_everything() -> None:
         content.parse_accept("application/json;q=0", "application/json")
 
 
+@pytest.mark.parametrize(("header", "expected"), [
+    # The most specific range decides, whatever its q (RFC 9110, 12.5.1).
+    ("text/*;q=0.3, text/csv;q=0, application/json;q=0.1", ["application/json"]),
+    ("text/*;q=0.3, application/json;q=0.5", ["application/json", "text/csv"]),
+    ("*/*;q=0.1, text/csv", ["text/csv", "application/json", "application/x-npy"]),
+    # A quoted comma is one parameter, not a second range; parameters other than q are ignored.
+    ('application/json;a="x,y", text/csv;q=0.5', ["application/json", "text/csv"]),
+    ("application/json; charset=utf-8", ["application/json"]),
+    # Equal q: the more specific range, then the header's order.
+    ("application/x-npy, text/csv, application/json",
+     ["application/x-npy", "text/csv", "application/json"]),
+    # A type no encoder declared is still passed on (a plugin's output_fn may answer it).
+    ("image/png, application/json;q=0.5", ["application/json", "image/png"]),
+    # No valid range at all (q out of range): as if there were no header.
+    ("text/csv;q=2", ["application/json"]),
+    (None, ["application/json"]),
+])
+def test_acceptable_types_follow_rfc_9110(header, expected) -> None:
+    assert content.acceptable_types(header, content.JSON) == expected
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ("text/*;q=0.3, text/csv;q=0", "accepts none of the supported types"),
+    ("application/json;q=0, */*;q=0", "accepts nothing"),
+])
+def test_excluded_types_are_not_acceptable(header, message) -> None:
+    with pytest.raises(NotAcceptable, match=message) as refused:
+        content.acceptable_types(header, content.JSON)
+    assert "supported: application/json, application/x-npy, text/csv" in str(refused.value)
+
+
 def test_npy_round_trip_keeps_dtype_and_shape() -> None:
     array = np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2)
     body, kind = content.encode(array, "application/x-npy")

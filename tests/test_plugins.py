@@ -315,9 +315,12 @@ def test_supported_types_are_gathered_from_the_registered_plugins(plugin_manager
         # A 415 names the plugin's type beside the NumPy ones.
         with pytest.raises(UnsupportedMediaType, match=r"supported: .*text/csv, text/plain"):
             hooks.transform(Doubler(), b"x", "application/xml", "application/json")
-        # text/* covers every registered text type, NumPy's first.
+        # text/* covers every registered text type, NumPy's first; the wildcard is resolved
+        # there and not passed on, so that no later step can pick a type q=0 excluded.
         accepts = content.acceptable_types("text/*", content.JSON, hooks.media_types().encodes)
-        assert accepts == ["text/csv", "text/plain", "text/*"]
+        assert accepts == ["text/csv", "text/plain"]
+        assert content.acceptable_types("text/*, text/csv;q=0", content.JSON,
+                                        hooks.media_types().encodes) == ["text/plain"]
         # A 406 names what the plugins encode.
         from smchainer.errors import NotAcceptable
 

@@ -118,6 +118,9 @@ def test_missing_content_type_means_json(server, model_dir):
     ("application/json;q=0.2, text/csv;q=0.3", CSV),
     ("text/html, image/png;q=0.9, application/json;q=0.1", JSON),
     ("application/*", JSON),
+    # A quoted comma stays inside its parameter; charset and other parameters are ignored.
+    ('application/json;a="x,y";q=0.9, text/csv;q=0.5', JSON),
+    ("text/csv; charset=utf-8", CSV),
     ("*/*", CSV),
     (None, CSV),
     ("", CSV),
@@ -144,7 +147,9 @@ def test_415_unsupported_content_type_names_the_supported_ones(server):
     assert_error(reply, 415, "application/xml", NPY, JSON, CSV)
 
 
-@pytest.mark.parametrize("accept", ["text/html", "application/json;q=0, text/csv;q=0"])
+@pytest.mark.parametrize("accept", ["text/html", "application/json;q=0, text/csv;q=0",
+                                    # text/csv excluded by its own range, whatever text/* says
+                                    "text/*;q=0.3, text/csv;q=0"])
 def test_406_nothing_acceptable_names_the_supported_types(server, accept):
     reply = server.post(b"[[1, 2, 3, 4]]", JSON, accept)
     assert_error(reply, 406, NPY, JSON, CSV)
