@@ -9,7 +9,8 @@ from smchainer.hookspecs import hookimpl, hookspec
 
 __version__ = "0.1.0"
 #: Names of the notebook API (:mod:`smchainer.api`), imported on first use.
-_API_NAMES = ("Chainer", "Estimator", "Model", "Predictor", "Session")
+_API_NAMES = ("Chainer", "Estimator", "HyperparameterTuner", "Model", "Predictor", "Session",
+              "Transformer")
 __all__ = ["hookimpl", "hookspec", "__version__", *_API_NAMES]
 
 _compat.install()

@@ -509,6 +509,22 @@ class Estimator:
         self._endpoint_name = getattr(predictor, "endpoint_name", None)
         return predictor
 
+    def transformer(self, instance_count: int = 1, instance_type: str = "local",
+                    strategy: str | None = None, assemble_with: str | None = None,
+                    output_path: str | os.PathLike[str] | None = None,
+                    accept: str | None = None, env: dict[str, str] | None = None,
+                    max_concurrent_transforms: int | None = None,
+                    max_payload: int | None = None, model_server_workers: int | None = None,
+                    entry_point: str | None = None, **kwargs: Any) -> Any:
+        """A batch transformer of the latest job's model; see :meth:`Model.transformer`."""
+        model = self.create_model(entry_point=entry_point)
+        return model.transformer(instance_count=instance_count, instance_type=instance_type,
+                                 strategy=strategy, assemble_with=assemble_with,
+                                 output_path=output_path, accept=accept,
+                                 max_concurrent_transforms=max_concurrent_transforms,
+                                 max_payload=max_payload, env=env,
+                                 model_server_workers=model_server_workers, **kwargs)
+
     def delete_endpoint(self) -> None:
         """Stop the endpoint :meth:`deploy` started (SDK v1's call that notebooks end with)."""
         if self._endpoint_name is None:

@@ -111,6 +111,31 @@ class Model:
                                                    deserializer=deserializer)
         return self.predictor_cls(endpoint.name)
 
+    def transformer(self, instance_count: int = 1, instance_type: str = "local",
+                    strategy: str | None = None, assemble_with: str | None = None,
+                    output_path: str | os.PathLike[str] | None = None,
+                    accept: str | None = None, max_concurrent_transforms: int | None = None,
+                    max_payload: int | None = None, env: dict[str, str] | None = None,
+                    model_server_workers: int | None = None, **aws_only: Any) -> Any:
+        """A :class:`~smchainer.api.transformer.Transformer` of this model (batch transform).
+
+        Each ``transform()`` starts ``smchainer-serve`` for the model with
+        ``instance_count`` x ``model_server_workers`` (default 1) workers, as
+        :meth:`deploy` does, and stops it when the job ends. ``env`` is added
+        to the server's environment; AWS-only arguments (``output_kms_key``,
+        ``tags``, ``volume_kms_key``...) are ignored with a warning.
+        """
+        from smchainer.api.transformer import Transformer
+
+        warn_ignored(aws_only, "transformer")
+        return Transformer(self, instance_count=instance_count, instance_type=instance_type,
+                           strategy=strategy, assemble_with=assemble_with,
+                           output_path=output_path, accept=accept,
+                           max_concurrent_transforms=max_concurrent_transforms,
+                           max_payload=max_payload, env=env,
+                           model_server_workers=model_server_workers,
+                           sagemaker_session=self.sagemaker_session)
+
 
 #: The SDK's name for a Chainer model.
 ChainerModel = Model

@@ -17,15 +17,20 @@ def test_every_match_is_a_value_and_the_last_is_final() -> None:
            "epoch 3 loss: nope validation/main/accuracy=0.57\n")
     assert metric_values(log, DEFINITIONS) == {
         "validation:accuracy": [0.31, 0.52, 0.57], "loss": [2.5, 0.125], "never": []}
+    # Line by line, as SageMaker reads log lines: a regex cannot span two.
+    assert metric_values("loss:\n 3.0", [{"Name": "loss", "Regex": r"loss:\s*([0-9.]+)"}]) == {
+        "loss": []}
     assert final_metrics(log, DEFINITIONS) == [
         {"MetricName": "validation:accuracy", "Value": 0.57},
         {"MetricName": "loss", "Value": 0.125}]
 
 
 def test_bad_definitions_are_value_errors() -> None:
-    with pytest.raises(ValueError, match="bad regex"):
+    with pytest.raises(ValueError, match="does not compile"):
         check_definitions([{"Name": "x", "Regex": "("}])
-    with pytest.raises(ValueError, match="'Name' and 'Regex'"):
+    with pytest.raises(ValueError, match="needs a capture group"):
+        check_definitions([{"Name": "x", "Regex": "x=[0-9]+"}])
+    with pytest.raises(ValueError, match="give a dict with a 'Name' and a 'Regex'"):
         check_definitions([{"Name": "x"}])
     with pytest.raises(ValueError, match="metric_definitions must be a list"):
         Chainer(entry_point="train.py", metric_definitions="x")
