@@ -26,13 +26,19 @@ def run_steps(model, optimizer, data, first_step=0):
     return {name: p.array.copy() for name, p in model.namedparams()}
 
 
-def test_equals_chainer_momentum_sgd_with_the_weight_decay_hook() -> None:
+def twin_models(hook) -> tuple[VGG, chainer.Optimizer, VGG]:
+    """A small VGG with Chainer's MomentumSGD and ``hook``, and an identical copy."""
     np.random.seed(0)
-    chainer_model = VGG(width=0.125, depth=8)
-    ours = chainer_model.copy(mode="copy")
+    reference_model = VGG(width=0.125, depth=8)
+    ours = reference_model.copy(mode="copy")
     reference = chainer.optimizers.MomentumSGD(lr=0.05, momentum=0.9)
-    reference.setup(chainer_model)
-    reference.add_hook(chainer.optimizer_hooks.WeightDecay(5e-4))
+    reference.setup(reference_model)
+    reference.add_hook(hook)
+    return reference_model, reference, ours
+
+
+def test_equals_chainer_momentum_sgd_with_the_weight_decay_hook() -> None:
+    chainer_model, reference, ours = twin_models(chainer.optimizer_hooks.WeightDecay(5e-4))
     data = batches(4)
     want = run_steps(chainer_model, reference, data)
     fused = optimizers.MomentumSGD(lr=0.05, momentum=0.9, weight_decay=5e-4)
@@ -71,12 +77,8 @@ def test_negative_weight_decay_is_refused() -> None:
 
 
 def test_a_hook_takes_the_per_parameter_path_with_the_same_result() -> None:
-    np.random.seed(0)
-    reference_model = VGG(width=0.125, depth=8)
-    ours = reference_model.copy(mode="copy")
-    reference = chainer.optimizers.MomentumSGD(lr=0.05, momentum=0.9)
-    reference.setup(reference_model)
-    reference.add_hook(chainer.optimizer_hooks.GradientHardClipping(-1e-3, 1e-3))
+    reference_model, reference, ours = twin_models(
+        chainer.optimizer_hooks.GradientHardClipping(-1e-3, 1e-3))
     fused = optimizers.MomentumSGD(lr=0.05, momentum=0.9)
     fused.setup(ours)
     fused.add_hook(chainer.optimizer_hooks.GradientHardClipping(-1e-3, 1e-3))

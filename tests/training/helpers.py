@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import subprocess
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +54,46 @@ def tiny_dataset(folder: Path, name: str = "train.npz", n: int = 32) -> Path:
 def tar_names(path: Path) -> list[str]:
     with tarfile.open(path) as archive:
         return sorted(archive.getnames())
+
+
+def wait_until(ready: Callable[[], bool], process: subprocess.Popen, what: str,
+               seconds: float = 120, every: float = 0.05) -> None:
+    """Poll ``ready()`` until it holds; fail if ``process`` ends or ``seconds`` pass first."""
+    deadline = time.monotonic() + seconds
+    while not ready():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{what} did not happen within {seconds} s"
+        time.sleep(every)
+
+
+def start_until(argv: list[str], ready: Callable[[], bool], what: str, *,
+                new_session: bool = False, **env: str) -> subprocess.Popen:
+    """Start ``argv`` (text pipes, :func:`environment`) and return it once ``ready()`` holds.
+
+    ``new_session``: in a process group of its own, so that a test can signal
+    the whole group as a terminal's Ctrl-C does.
+    """
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment(**env), start_new_session=new_session)
+    wait_until(ready, process, what)
+    return process
+
+
+def interrupt_when(argv: list[str], ready: Callable[[], bool],
+                   interrupt: Callable[[subprocess.Popen], None], what: str,
+                   timeout: float = 120, **env: str) -> tuple[int, str, str]:
+    """Run ``argv``, ``interrupt(process)`` once ``ready()`` holds; its code, stdout, stderr.
+
+    The process is killed if it is still running when the test leaves.
+    """
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=environment(**env))
+    try:
+        wait_until(ready, process, what)
+        interrupt(process)
+        stdout, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    return process.returncode, stdout, stderr

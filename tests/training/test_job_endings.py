@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import textwrap
-import time
 
 import pytest
 
 from tests.conftest import command
-from tests.training.helpers import environment, tiny_dataset, train
+from tests.training.helpers import start_until, tiny_dataset, train
 
 SLEEPER = textwrap.dedent("""
     import os, time
@@ -30,17 +29,11 @@ def start(tmp_path, *extra: str) -> tuple[subprocess.Popen, object]:
     script.write_text(SLEEPER)
     tiny_dataset(tmp_path / "data")
     job = tmp_path / "job"
-    process = subprocess.Popen(
+    process = start_until(
         [command("smchainer-train"), "--entry-point", str(script), "--channel",
          f"train={tmp_path / 'data'}", "--job-dir", str(job), *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(),
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while not list((job / "output" / "data").glob("started-*")):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "the script did not start"
-        time.sleep(0.1)
+        lambda: bool(list((job / "output" / "data").glob("started-*"))), "the script's start",
+        new_session=True)
     return process, job
 
 

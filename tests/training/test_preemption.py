@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import command
-from tests.training.helpers import environment, tiny_dataset, train
+from tests.training.helpers import (
+    environment,
+    interrupt_when,
+    start_until,
+    tiny_dataset,
+    train,
+)
 
 #: A VGG small enough that an epoch of 40 iterations takes about a second here.
 TINY = {"train-samples": 640, "test-samples": 64, "width": 0.0625, "depth": 8,
@@ -43,14 +49,6 @@ def vgg_argv(cifar10: Path, job: Path, cache: Path, *extra: str, epochs: int = 3
     for key, value in values.items():
         argv += ["--hp", f"{key}={value}"]
     return [*argv, *extra]
-
-
-def wait_for(path: Path, process: subprocess.Popen, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path} did not appear"
-        time.sleep(0.02)
 
 
 def children(pid: int) -> list[int]:
@@ -89,18 +87,16 @@ def test_sigterm_mid_epoch_then_a_restart_ends_with_the_uninterrupted_weights(
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     job = tmp_path / "job"
-    process = subprocess.Popen(vgg_argv(cifar10, job, cache, "--max-restarts", "1"),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment())
-    try:
-        wait_for(job / "checkpoints" / "snapshot_iter_4.rank0of1.npz", process)
+    snapshot = job / "checkpoints" / "snapshot_iter_4.rank0of1.npz"
+
+    def preempt_the_attempt(process: subprocess.Popen) -> None:
         [attempt] = children(process.pid)
         os.kill(attempt, signal.SIGTERM)  # this attempt's host is preempted
-        _, stderr = process.communicate(timeout=300)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, stderr[-3000:]
+
+    code, _, stderr = interrupt_when(vgg_argv(cifar10, job, cache, "--max-restarts", "1"),
+                                     snapshot.exists, preempt_the_attempt, "a snapshot",
+                                     timeout=300)
+    assert code == 0, stderr[-3000:]
     first = (job / "output" / "failure.attempt1").read_text()
     assert first.startswith("Interrupted: SIGTERM (rank 0 of 1"), first
     assert "Exit code: 143" in first
@@ -120,16 +116,12 @@ def test_sigterm_to_the_launcher_stops_both_ranks_at_one_snapshot(tmp_path, cifa
                                                                   cache) -> None:
     job = tmp_path / "job"
     argv = vgg_argv(cifar10, job, cache, "--num-processes", "2", communicator="naive")
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment())
-    try:
-        wait_for(job / "checkpoints" / "snapshot_iter_4.rank1of2.npz", process)
-        process.send_signal(signal.SIGTERM)  # what Slurm or Kubernetes sends
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 143, stderr[-3000:]
+    snapshot = job / "checkpoints" / "snapshot_iter_4.rank1of2.npz"
+    # SIGTERM, what Slurm or Kubernetes sends
+    code, _, stderr = interrupt_when(argv, snapshot.exists,
+                                     lambda process: process.send_signal(signal.SIGTERM),
+                                     "rank 1's snapshot")
+    assert code == 143, stderr[-3000:]
     failure = (job / "output" / "failure").read_text()
     assert failure.startswith("Interrupted: SIGTERM\nExit code: 143\n"), failure
     iteration = stopped_at(failure)
@@ -173,12 +165,11 @@ def start_script(tmp_path: Path, *extra: str, **env: str) -> tuple[subprocess.Po
     script.write_text(HANDLER_SCRIPT)
     tiny_dataset(tmp_path / "data")
     job = tmp_path / "job"
-    process = subprocess.Popen(
+    started = [data_dir(job, rank) / f"started-{rank}" for rank in (0, 1)]
+    process = start_until(
         [command("smchainer-train"), "--entry-point", str(script), "--channel",
          f"train={tmp_path / 'data'}", "--job-dir", str(job), "--num-processes", "2", *extra],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment(**env))
-    for rank in (0, 1):
-        wait_for(data_dir(job, rank) / f"started-{rank}", process)
+        lambda: all(path.exists() for path in started), "both ranks' start", **env)
     return process, job
 
 
@@ -302,22 +293,12 @@ def test_checkpoints_reach_the_bucket_while_the_job_runs_and_a_fresh_job_resumes
         return sorted(item["Key"].rsplit("/", 1)[1] for item in listing.get("Contents", []))
 
     job = tmp_path / "first"
-    process = subprocess.Popen(vgg_argv(cifar10, job, cache, "--checkpoint-s3-uri", uri,
-                                        epochs=6),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env=environment())
-    try:
-        deadline = time.monotonic() + 120
-        while "snapshot_iter_8.rank0of1.npz" not in keys():
-            assert process.poll() is None, process.communicate()  # in the bucket mid-job
-            assert time.monotonic() < deadline, "no snapshot reached the bucket"
-            time.sleep(0.1)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 143, stderr[-3000:]
+    # In the bucket while the job still runs (interrupt_when fails if it ended first).
+    code, _, stderr = interrupt_when(
+        vgg_argv(cifar10, job, cache, "--checkpoint-s3-uri", uri, epochs=6),
+        lambda: "snapshot_iter_8.rank0of1.npz" in keys(),
+        lambda process: process.send_signal(signal.SIGTERM), "a snapshot in the bucket")
+    assert code == 143, stderr[-3000:]
     iteration = stopped_at((job / "output" / "failure").read_text())
     assert f"snapshot_iter_{iteration}.rank0of1.npz" in keys()
     assert not [key for key in keys() if key.endswith(".tmp")]

@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
 from pathlib import Path
 
-from tests.training.helpers import environment
+from tests.training.helpers import environment, interrupt_when
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "launch" / "slurm" / "train.sbatch"
@@ -35,7 +34,7 @@ def test_usr1_before_the_time_limit_snapshots_and_requeues(tmp_path, cifar10) ->
     scontrol.write_text(SCONTROL)
     scontrol.chmod(0o755)
     job = tmp_path / "job"
-    env = environment(
+    env = dict(
         PATH=f"{tmp_path / 'bin'}:{environment()['PATH']}", SCONTROL_LOG=str(tmp_path / "log"),
         SLURM_SUBMIT_DIR=str(ROOT), SLURM_JOB_NAME="vgg", SLURM_JOB_ID="7",
         SLURM_JOB_NODELIST="node1", SLURM_NTASKS_PER_NODE="2", SLURM_NTASKS="2",
@@ -45,20 +44,12 @@ def test_usr1_before_the_time_limit_snapshots_and_requeues(tmp_path, cifar10) ->
     argv = ["bash", str(RECIPE)]
     for key, value in {**HYPERPARAMETERS, "cache-dir": str(tmp_path / "cache")}.items():
         argv += ["--hp", f"{key}={value}"]
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    try:
-        deadline = time.monotonic() + 180
-        while not (job / "checkpoints" / "snapshot_iter_4.rank1of2.npz").exists():
-            assert process.poll() is None, process.communicate()[0][-3000:]
-            assert time.monotonic() < deadline, "no snapshot was written"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGUSR1)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 143, output[-3000:]
+    snapshot = job / "checkpoints" / "snapshot_iter_4.rank1of2.npz"
+    # USR1 to the batch script, as Slurm's --signal=B:USR1@120 sends it.
+    code, output, errors = interrupt_when(argv, snapshot.exists,
+                                          lambda process: process.send_signal(signal.SIGUSR1),
+                                          "rank 1's snapshot", **env)
+    assert code == 143, (output + errors)[-3000:]
     assert (tmp_path / "log").read_text() == "requeue 7\n"
     failure = (job / "output" / "failure").read_text()
     assert failure.startswith("Interrupted: SIGTERM"), failure
@@ -66,7 +57,8 @@ def test_usr1_before_the_time_limit_snapshots_and_requeues(tmp_path, cifar10) ->
     for rank in (0, 1):
         assert (job / "checkpoints" / f"snapshot_iter_{iteration}.rank{rank}of2.npz").exists()
 
-    requeued = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    requeued = subprocess.run(argv, env=environment(**env), capture_output=True, text=True,
+                              timeout=300)
     assert requeued.returncode == 0, requeued.stdout[-3000:] + requeued.stderr[-3000:]
     metrics = json.loads((job / "output" / "data" / "metrics.json").read_text())
     assert metrics["resumed_from_iteration"] == iteration and metrics["ranks"] == 2

@@ -128,6 +128,17 @@ def split_json(body: bytes) -> tuple[object, list[float]]:
     return blank(json.loads(body)), numbers
 
 
+
+def load_with_warnings(script, model_dir, caplog):
+    """The hooks of ``script``, the model its ``model_fn`` served (the script's own MODEL),
+    and the plugin's warnings while loading it."""
+    hooks = hooks_with(script)
+    with caplog.at_level(logging.WARNING, logger="smchainer_onnx"):
+        served = hooks.model_fn(str(model_dir))
+    assert served is sys.modules["inference"].MODEL
+    return hooks, served, [r.getMessage() for r in caplog.records
+                           if r.levelno == logging.WARNING]
+
 def test_an_unsupported_layer_falls_back_to_chainer_with_a_warning(tmp_path, caplog) -> None:
     script = tmp_path / "inference.py"
     script.write_text(textwrap.dedent("""
@@ -140,11 +151,7 @@ def test_an_unsupported_layer_falls_back_to_chainer_with_a_warning(tmp_path, cap
         def model_fn(model_dir):
             return MODEL
     """))
-    hooks = hooks_with(script)
-    with caplog.at_level(logging.WARNING, logger="smchainer_onnx"):
-        served = hooks.model_fn(str(tmp_path))
-    assert served is sys.modules["inference"].MODEL
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    hooks, served, warnings = load_with_warnings(script, tmp_path, caplog)
     assert any("plain Chainer" in w and "Tanh" in w for w in warnings), warnings
     batch = np.random.default_rng(0).random((4, 3, 32, 32), dtype=np.float32)
     np.testing.assert_array_equal(predict(hooks, served, batch), chainer_logits(served, batch))
@@ -174,11 +181,7 @@ def test_a_model_the_trace_cannot_capture_falls_back_after_the_check(tmp_path, c
             return MODEL
     """))
     (tmp_path / "smchainer-model.json").write_text(json.dumps({"input_shape": [6]}))
-    hooks = hooks_with(script)
-    with caplog.at_level(logging.WARNING, logger="smchainer_onnx"):
-        served = hooks.model_fn(str(tmp_path))
-    assert served is sys.modules["inference"].MODEL
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    hooks, served, warnings = load_with_warnings(script, tmp_path, caplog)
     assert any("plain Chainer" in w and "differ" in w for w in warnings), warnings
     assert cache_files(tmp_path) == []
     batch = np.random.default_rng(0).random((5, 6), dtype=np.float32)
