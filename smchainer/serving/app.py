@@ -50,7 +50,11 @@ access_logger = logging.getLogger("smchainer.serving.access")
 
 _READ_CHUNK = 64 * 1024
 #: Answered without a token when the server requires one: health checks must work.
-OPEN_PATHS = frozenset({"/ping"})
+OPEN_PATHS = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
+#: Seconds past a request's timeout before a still-running inference counts as stuck.
+STUCK_GRACE_SECONDS = 1.0
+#: How often each worker looks at its own inference thread for liveness.
+LIVENESS_CHECK_SECONDS = 0.5
 
 
 @dataclass
@@ -59,6 +63,10 @@ class Response:
     body: bytes = b""
     content_type: str | None = None
     headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+def json_response(status: int, body: dict[str, Any]) -> Response:
+    return Response(status, json.dumps(body).encode(), "application/json")
 
 
 def error_response(message: str, status: int, detail: str | None = None) -> Response:
@@ -153,6 +161,8 @@ class InferenceRunner:
         self._queue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        #: :func:`time.monotonic` when the running inference began; None when idle.
+        self.busy_since: float | None = None
 
     def submit(self, task: Callable[[], Any]) -> concurrent.futures.Future[Any]:
         with self._lock:
@@ -165,44 +175,59 @@ class InferenceRunner:
         self._queue.put((future, task))
         return future
 
+    def running_for(self) -> float:
+        """Seconds the running inference has taken so far (0 when idle)."""
+        since = self.busy_since
+        return 0.0 if since is None else time.monotonic() - since
+
     def _run(self) -> None:
         while True:
             future, task = self._queue.get()
             if not future.set_running_or_notify_cancel():
                 continue  # its caller timed out while it waited
+            self.busy_since = time.monotonic()
             try:
                 future.set_result(task())
             except BaseException as error:
                 future.set_exception(error)
+            finally:
+                self.busy_since = None
 
 
-class ReadyMarkers:
-    """Files ``ready-<pid>`` in the server's shared folder: which workers have a model.
+class WorkerMarkers:
+    """Files ``<kind>-<pid>`` in the server's shared folder: which workers are in a state.
 
-    A worker killed with SIGKILL cannot remove its file, so a marker counts
-    only while its process lives.
+    ``ready``: the worker has its model (a loading worker leaves connections to
+    a ready sibling; readiness counts them). ``stuck``: its inference has run
+    past its timeout (liveness). A worker killed with SIGKILL cannot remove its
+    file, so a marker counts only while its process lives.
     """
 
-    def __init__(self, folder: Path | None) -> None:
+    def __init__(self, folder: Path | None, kind: str = "ready") -> None:
         self.folder = folder
+        self.kind = kind
+
+    @property
+    def _mine(self) -> Path | None:
+        return None if self.folder is None else self.folder / f"{self.kind}-{os.getpid()}"
 
     def mark(self) -> None:
-        if self.folder is not None:
-            (self.folder / f"ready-{os.getpid()}").touch()
+        if self._mine is not None:
+            self._mine.touch()
 
     def clear(self) -> None:
-        if self.folder is not None:
-            (self.folder / f"ready-{os.getpid()}").unlink(missing_ok=True)
+        if self._mine is not None:
+            self._mine.unlink(missing_ok=True)
 
-    def another_ready(self) -> bool:
+    def live_pids(self) -> list[int]:
+        """The processes with a marker that still run (stale markers are removed)."""
         if self.folder is None:
-            return False
-        for path in self.folder.glob("ready-*"):
+            return []
+        pids = []
+        for path in self.folder.glob(f"{self.kind}-*"):
             try:
-                pid = int(path.name.removeprefix("ready-"))
+                pid = int(path.name.removeprefix(f"{self.kind}-"))
             except ValueError:
-                continue
-            if pid == os.getpid():
                 continue
             try:
                 os.kill(pid, 0)
@@ -211,8 +236,11 @@ class ReadyMarkers:
                 continue
             except PermissionError:
                 pass
-            return True
-        return False
+            pids.append(pid)
+        return pids
+
+    def another_ready(self) -> bool:
+        return any(pid != os.getpid() for pid in self.live_pids())
 
 
 class BodyDeadlines:
@@ -284,7 +312,9 @@ class InferenceApp:
         self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)
         self.runner = InferenceRunner()
         #: which workers of the server have their model (see the worker's accept rule)
-        self.ready_markers = ReadyMarkers(settings.metrics_dir)
+        self.ready_markers = WorkerMarkers(settings.metrics_dir, "ready")
+        #: which workers have an inference past its timeout (liveness)
+        self.stuck_markers = WorkerMarkers(settings.metrics_dir, "stuck")
         self.holder.on_ready = self.ready_markers.mark
         self.body_deadlines = BodyDeadlines()
         self.worker = 0
@@ -294,6 +324,8 @@ class InferenceApp:
             "/invocations": {"POST": self.invocations},
             "/execution-parameters": {"GET": self.execution_parameters},
             "/metrics": {"GET": self.prometheus_metrics},
+            "/v2/health/live": {"GET": self.live},
+            "/v2/health/ready": {"GET": self.ready},
         }
 
     def start(self, worker: int = 0) -> threading.Thread:
@@ -305,7 +337,28 @@ class InferenceApp:
         device_spec = worker_gpu(worker, self.settings.device)
         self.metrics.observe_device(device_spec)
         logger.info("worker %d: loading the model on %s", worker, device_spec)
+        threading.Thread(target=self._watch_liveness, name="smchainer-liveness",
+                         daemon=True).start()
         return self.holder.start(device_spec)
+
+    def stuck_for(self) -> float | None:
+        """Seconds this worker's inference has run past its timeout and the grace; else None."""
+        over = self.runner.running_for() - self.settings.timeout - STUCK_GRACE_SECONDS
+        return over if over > 0 else None
+
+    def _watch_liveness(self) -> None:
+        """Keep this worker's ``stuck`` marker true to its inference thread."""
+        marked = False
+        while True:
+            stuck = self.stuck_for() is not None
+            if stuck != marked:
+                (self.stuck_markers.mark if stuck else self.stuck_markers.clear)()
+                marked = stuck
+                if stuck:
+                    logger.error("worker %d: an inference has run %.0f s, past the %s s "
+                                 "timeout: /v2/health/live answers 503", self.worker,
+                                 self.runner.running_for(), self.settings.timeout)
+            time.sleep(LIVENESS_CHECK_SECONDS)
 
     # -- WSGI ---------------------------------------------------------------
 
@@ -380,6 +433,38 @@ class InferenceApp:
     def ping(self, environ: dict[str, Any]) -> Response:
         self.holder.require()
         return Response(200)
+
+    def live(self, environ: dict[str, Any]) -> Response:
+        """Liveness (KServe v2): 503 once any worker's inference runs past its timeout.
+
+        Answered on the worker's event loop, so a stuck inference thread cannot
+        keep it from answering; other workers are seen through their ``stuck``
+        markers. A dead worker is gunicorn's to replace, not a liveness failure.
+        """
+        stuck = self.stuck_for()
+        others = [pid for pid in self.stuck_markers.live_pids() if pid != os.getpid()]
+        if stuck is None and not others:
+            return json_response(200, {"live": True})
+        reason = (f"worker {self.worker}'s inference has run {self.runner.running_for():.0f} s, "
+                  f"past the {self.settings.timeout} s timeout" if stuck is not None
+                  else f"{len(others)} worker(s) have an inference past the "
+                  f"{self.settings.timeout} s timeout")
+        return json_response(503, {"live": False, "error": reason, "status": 503})
+
+    def ready(self, environ: dict[str, Any]) -> Response:
+        """Readiness (KServe v2): every worker of the server has its model, and all are live."""
+        loaded = len(self.ready_markers.live_pids()) if self.settings.metrics_dir else (
+            1 if self.holder.state == "ready" else 0)
+        workers = self.settings.workers
+        if loaded < workers:
+            return json_response(503, {"ready": False, "status": 503,
+                                       "error": f"{loaded} of {workers} worker(s) have "
+                                       "loaded the model"})
+        live = self.live(environ)
+        if live.status != 200:
+            return json_response(503, {"ready": False, "status": 503,
+                                       "error": json.loads(live.body)["error"]})
+        return json_response(200, {"ready": True})
 
     def execution_parameters(self, environ: dict[str, Any]) -> Response:
         body = {

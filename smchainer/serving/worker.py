@@ -26,7 +26,7 @@ complete request heads:
   reads a body on a pool thread.
 - **No traffic before the model.** A worker whose model is still loading
   does not accept connections while another worker of the server is ready
-  (:class:`smchainer.serving.app.ReadyMarkers`; a replacement for a killed
+  (:class:`smchainer.serving.app.WorkerMarkers`; a replacement for a killed
   worker, say), so clients are not answered 503
   by it; when no worker is ready, it accepts and says 503 "still loading".
 - **SIGTERM closes the listener at once**, so new connections are refused
@@ -64,7 +64,8 @@ from smchainer.cli import OneLineFormatter
 #: A head longer than this (request line plus every header) is refused with 431.
 MAX_HEAD_BYTES = 64 * 1024
 #: Requests answered on the main loop: a method and path, with no body.
-INLINE_REQUESTS = ((b"GET", b"/ping"), (b"HEAD", b"/ping"), (b"GET", b"/metrics"))
+INLINE_REQUESTS = ((b"GET", b"/ping"), (b"HEAD", b"/ping"), (b"GET", b"/metrics"),
+                   (b"GET", b"/v2/health/live"), (b"GET", b"/v2/health/ready"))
 #: How often a loading worker looks again whether a sibling is ready.
 READY_CHECK_SECONDS = 0.1
 
@@ -103,9 +104,10 @@ class ServingWorker(ThreadWorker):
         try:
             super().run()
         finally:
-            markers = getattr(self.wsgi, "ready_markers", None)
-            if markers is not None:
-                markers.clear()
+            for name in ("ready_markers", "stuck_markers"):
+                markers = getattr(self.wsgi, name, None)
+                if markers is not None:
+                    markers.clear()
 
     # -- settings from the app ------------------------------------------------
 
