@@ -55,7 +55,8 @@ def read_members(body: bytes, max_images: int) -> Iterator[tuple[str, bytes]]:
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(body))
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError) as error:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError,
+            EOFError) as error:  # NotImplementedError: a member needs a newer zip version
         raise BadRequest(f"body is not a readable zip archive: {error}") from None
     with archive:
         members = image_members(archive)

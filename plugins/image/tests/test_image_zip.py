@@ -19,6 +19,14 @@ def solid(value: int, size: tuple[int, int] = (32, 32)) -> bytes:
     return encode(Image.new("RGB", size, (value, value, value)))
 
 
+def needs_version(archive: bytes, version: int) -> bytes:
+    """``archive`` with its first central-directory entry's "version needed" set."""
+    data = bytearray(archive)
+    entry = data.find(b"PK\x01\x02")
+    data[entry + 6:entry + 8] = version.to_bytes(2, "little")
+    return bytes(data)
+
+
 def test_members_come_in_name_order_whatever_the_zip_order(cifar10) -> None:
     with zipfile.ZipFile(cifar10 / "test.zip") as archive:
         names = sorted(n for n in archive.namelist() if n.endswith("/0007.jpg"))
@@ -61,6 +69,9 @@ def crc_damaged_zip() -> bytes:
     ("make_body", "message"),
     [
         (lambda: b"PK\x03\x04 not really", "not a readable zip"),
+        # A member that says it needs zip version 6.4 (the fuzz test found this 500).
+        (lambda: needs_version(make_zip([("a.png", solid(1))]), 64),
+         "not a readable zip archive: zip file version 6.4"),
         (lambda: png(np.zeros((4, 4), np.uint8)), "not a readable zip"),
         (lambda: make_zip([("empty/", b"")]), "holds no images"),
         (lambda: make_zip([("a.png", solid(1)), ("b.jpg", solid(2)[:60])]),
@@ -75,7 +86,7 @@ def crc_damaged_zip() -> bytes:
          "^bomb.png is too large"),
         (crc_damaged_zip, "^b.png cannot be read from the zip: Bad CRC-32"),
     ],
-    ids=["not-zip", "png-body", "no-images", "truncated-member", "text-member",
+    ids=["not-zip", "newer-zip-version", "png-body", "no-images", "truncated-member", "text-member",
          "empty-member", "huge-member", "too-many", "zip-bomb", "bad-crc"],
 )
 def test_bad_batches_are_400s_that_name_the_member(make_body, message) -> None:
