@@ -31,16 +31,20 @@ from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
+import smchainer
 from smchainer import content
 from smchainer.errors import (
     BadRequest,
     HTTPError,
     ModelNotLoaded,
+    NotAcceptable,
     PayloadTooLarge,
     SmchainerError,
     http_status_of,
 )
 from smchainer.manager import Hooks
+from smchainer.model_contract import read_contract
+from smchainer.serving import v2
 from smchainer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from smchainer.serving.metrics import WorkerMetrics
 from smchainer.serving.settings import ServerSettings
@@ -388,6 +392,8 @@ class InferenceApp:
             refused = self.check_token(environ.get("HTTP_AUTHORIZATION"))
             if refused is not None:
                 return refused
+        if path == "/v2" or path.startswith("/v2/models/"):
+            return self.open_inference(method, path, environ)
         methods = self.routes.get(path)
         if methods is None:
             return error_response(
@@ -395,10 +401,7 @@ class InferenceApp:
             )
         handler = methods.get(method)
         if handler is None:
-            allowed = ", ".join(methods)
-            response = error_response(f"{path} does not allow {method}; use {allowed}", 405)
-            response.headers.append(("Allow", allowed))
-            return response
+            return self.not_allowed(path, method, ", ".join(methods))
         return handler(environ)
 
     def check_token(self, header: str | None) -> Response | None:
@@ -487,17 +490,77 @@ class InferenceApp:
         accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"), self.default_accept,
                                            self.hooks.media_types().encodes)
         body = self.read_body(environ)
+        payload, response_type = self.run_inference(model, body, content_type, accepts, deadline)
+        return Response(200, payload, response_type)
+
+    def run_inference(self, model: Any, body: bytes, content_type: str, accepts: list[str],
+                      deadline: float) -> tuple[bytes, str]:
+        """:meth:`infer` on the inference thread, waited for until ``deadline`` (then 504)."""
         future = self.runner.submit(
             lambda: self.infer(model, body, content_type, accepts, deadline))
         try:
-            payload, response_type = future.result(timeout=max(deadline - time.monotonic(), 0))
+            return future.result(timeout=max(deadline - time.monotonic(), 0))
         except concurrent.futures.TimeoutError:
             future.cancel()
             raise HTTPError(
                 f"inference did not finish within the {self.settings.timeout} s timeout "
                 "(--timeout, SAGEMAKER_MODEL_SERVER_TIMEOUT)", 504
             ) from None
-        return Response(200, payload, response_type)
+
+    # -- the Open Inference Protocol (KServe v2) -------------------------------
+
+    def open_inference(self, method: str, path: str, environ: dict[str, Any]) -> Response:
+        """``/v2`` and ``/v2/models/{name}[/versions/{v}][/ready|/infer]`` (:mod:`.v2`)."""
+        if path == "/v2":
+            if method != "GET":
+                return self.not_allowed(path, method, "GET")
+            return json_response(200, {"name": "smchainer", "version": smchainer.__version__,
+                                       "extensions": v2.EXTENSIONS})
+        parts = path.split("/")[3:]
+        name, rest = parts[0], parts[1:]
+        if rest[:1] == ["versions"] and len(rest) >= 2:
+            rest = rest[2:]
+        if name != self.settings.model_name:
+            return error_response(f"no model named {name!r}: this server serves "
+                                  f"{self.settings.model_name!r} (--model-name)", 404)
+        route = "/".join(rest)
+        if route not in ("", "ready", "infer"):
+            return error_response(f"no such path {path!r}; the model's routes: "
+                                  f"/v2/models/{name}, /ready, /infer", 404)
+        wanted = "POST" if route == "infer" else "GET"
+        if method != wanted:
+            return self.not_allowed(path, method, wanted)
+        if route == "":
+            return json_response(200, v2.model_metadata(name, read_contract(self.holder.model_dir)))
+        if route == "ready":
+            if self.holder.state != "ready":
+                return json_response(503, {"ready": False, "status": 503,
+                                           "error": "the model is not loaded"})
+            return json_response(200, {"name": name, "ready": True})
+        return self.open_inference_infer(environ)
+
+    def open_inference_infer(self, environ: dict[str, Any]) -> Response:
+        deadline = time.monotonic() + self.settings.timeout
+        self.check_length(environ)
+        model = self.holder.require()
+        body = self.read_body(environ)
+        request = v2.parse_infer(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+        payload, response_type = self.run_inference(
+            model, v2.npy_bytes(request.array), content.NPY, [content.NPY], deadline)
+        if response_type != content.NPY:
+            raise NotAcceptable(f"the model's output_fn answered {response_type}, not a "
+                                "tensor (application/x-npy)")
+        answer, headers = v2.infer_response(self.settings.model_name, request,
+                                            content.decode_npy(payload))
+        response = Response(200, answer,
+                            "application/octet-stream" if headers else "application/json")
+        response.headers.extend(headers)
+        return response
+
+    def not_allowed(self, path: str, method: str, allowed: str) -> Response:
+        response = error_response(f"{path} does not allow {method}; use {allowed}", 405)
+        response.headers.append(("Allow", allowed))
+        return response
 
     # -- the request path ---------------------------------------------------
 

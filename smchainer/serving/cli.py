@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -32,6 +33,7 @@ from smchainer.serving.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 DESCRIPTION = """\
 Serve a Chainer model with the SageMaker hosting contract on gunicorn.
@@ -124,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"${config.AUTH_TOKEN_ENV})",
     )
     parser.add_argument(
+        "--model-name", metavar="NAME",
+        help="the model's name in the Open Inference Protocol (KServe v2) routes, "
+        f"/v2/models/NAME/infer (default ${config.MODEL_NAME_ENV}, else "
+        f"{config.DEFAULT_MODEL_NAME})",
+    )
+    parser.add_argument(
         "--log-level", metavar="LEVEL",
         help=f"debug, info, warning or error (default ${config.LOG_LEVEL_ENV}, else info); "
         "at debug, error responses carry the traceback",
@@ -182,6 +190,10 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
             os.environ.get(config.MAX_MODEL_SIZE_ENV, "").strip()
             or config.DEFAULT_MAX_MODEL_SIZE, config.MAX_MODEL_SIZE_ENV)
     auth_token = read_auth_token(args.auth_token_file)
+    model_name = (args.model_name or os.environ.get(config.MODEL_NAME_ENV, "").strip()
+                  or config.DEFAULT_MODEL_NAME)
+    if not MODEL_NAME.match(model_name):
+        raise UsageError(f"--model-name {model_name!r}: use letters, digits, '.', '-' and '_'")
 
     check_port_free(host, port)
     model_dir = prepare_model_dir(args.model_dir, work_dir, endpoint_url=args.endpoint_url,
@@ -198,7 +210,7 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
         model_dir=model_dir, user_module=user_module, workers=workers, threads=threads,
         timeout=timeout, host=host, port=port, max_payload_mb=max_payload,
         default_accept=default_accept, log_level=log_level, metrics_dir=metrics_dir,
-        auth_token=auth_token, client_timeout=client_timeout,
+        auth_token=auth_token, client_timeout=client_timeout, model_name=model_name,
     )
 
 

@@ -24,13 +24,25 @@ logger = logging.getLogger(__name__)
 
 #: Upper bounds of the latency histogram, in seconds.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
-ENDPOINTS = ("/ping", "/invocations", "/execution-parameters", "/metrics")
+ENDPOINTS = ("/ping", "/invocations", "/execution-parameters", "/metrics", "/v2",
+             "/v2/health/live", "/v2/health/ready")
+#: The Open Inference Protocol's model routes, labelled without the model's name.
+MODEL_ROUTES = {"": "/v2/models/{name}", "ready": "/v2/models/{name}/ready",
+                "infer": "/v2/models/{name}/infer"}
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def endpoint_label(path: str) -> str:
     """The ``endpoint`` label of a path: a known endpoint or ``other`` (bounded cardinality)."""
-    return path if path in ENDPOINTS else "other"
+    if path in ENDPOINTS:
+        return path
+    parts = path.split("/")
+    if parts[1:3] == ["v2", "models"] and len(parts) >= 4:
+        rest = parts[4:]
+        if rest[:1] == ["versions"]:
+            rest = rest[2:]
+        return MODEL_ROUTES.get("/".join(rest), "other")
+    return "other"
 
 
 class WorkerMetrics:

@@ -23,6 +23,7 @@ MAX_MODEL_SIZE_ENV = "SMCHAINER_MAX_MODEL_SIZE"
 CLIENT_TIMEOUT_ENV = "SMCHAINER_CLIENT_TIMEOUT"
 AUTH_TOKEN_ENV = "SMCHAINER_AUTH_TOKEN"
 AUTH_TOKEN_FILE_ENV = "SMCHAINER_AUTH_TOKEN_FILE"
+MODEL_NAME_ENV = "SMCHAINER_MODEL_NAME"
 
 DEFAULT_PORT = 8080
 #: Loopback, as local model servers bind by default: a container passes --bind 0.0.0.0.
@@ -33,6 +34,8 @@ DEFAULT_THREADS = 4
 #: Seconds a client has for its request head, and again for its body.
 DEFAULT_CLIENT_TIMEOUT = 10
 DEFAULT_ACCEPT = "application/json"
+#: The model's name in the Open Inference Protocol's routes (/v2/models/<name>).
+DEFAULT_MODEL_NAME = "model"
 #: The most a model archive may hold once extracted (a gzip bomb guard).
 DEFAULT_MAX_MODEL_SIZE = "4G"
 #: SageMaker sends SIGKILL 30 s after SIGTERM; in-flight requests get a little less.
@@ -59,6 +62,8 @@ ENVIRONMENT = (
     (AUTH_TOKEN_ENV, "a bearer token that /invocations, /metrics and /execution-parameters "
      "then require (--auth-token-file wins); /ping stays open"),
     (AUTH_TOKEN_FILE_ENV, "a file holding that token (--auth-token-file)"),
+    (MODEL_NAME_ENV, "the model's name in the Open Inference Protocol routes, "
+     f"/v2/models/<name> (--model-name); default {DEFAULT_MODEL_NAME}"),
     ("SMCHAINER_LOAD_PLUGINS", "comma-separated names: load only these installed plugins"),
     ("SMCHAINER_DISABLE_PLUGIN_AUTOLOAD", "1: load no installed plugin"),
     ("SMCHAINER_DEVICE", "cpu: keep every worker on the CPU even when GPUs are visible"),
@@ -89,6 +94,8 @@ class ServerSettings:
     client_timeout: int = DEFAULT_CLIENT_TIMEOUT
     #: the bearer token requests other than /ping must carry; None: no authentication
     auth_token: str | None = field(default=None, repr=False)
+    #: the model's name in /v2/models/<name>
+    model_name: str = DEFAULT_MODEL_NAME
 
     @property
     def bind(self) -> str:
