@@ -27,7 +27,9 @@ def prepare_model_dir(source: str, work_dir: str | os.PathLike[str], *,
 
     ``source`` is a directory (used in place), a tar archive (extracted into
     ``work_dir/model``) or an ``s3://`` URI of an archive or of a prefix
-    (downloaded into ``work_dir`` first). An archive may hold at most
+    (downloaded into ``work_dir`` first). A directory that holds nothing but
+    ``model.tar.gz`` (what a training job's output path, or a storage
+    initializer copying it, leaves) is that archive. An archive may hold at most
     ``max_bytes`` once extracted. A missing local source is a
     :class:`UsageError`; an unsafe, oversized or unreadable archive and S3
     failures are :class:`smchainer.storage.StorageError`.
@@ -37,17 +39,25 @@ def prepare_model_dir(source: str, work_dir: str | os.PathLike[str], *,
         fetched = storage.download(source, work / "download", endpoint_url=endpoint_url)
         logger.info("fetched %s to %s", source, fetched)
         if fetched.is_dir():
-            return fetched
+            return _archive_alone(fetched, work, max_bytes) or fetched
         return _extract(fetched, work / "model", max_bytes)
     path = Path(source).expanduser()
     if path.is_dir():
-        return path.resolve()
+        return _archive_alone(path, work, max_bytes) or path.resolve()
     if path.is_file():
         return _extract(path, work / "model", max_bytes)
     raise UsageError(
         f"--model-dir {source!r} does not exist: give a directory, a model.tar.gz "
         "or an s3:// URI"
     )
+
+
+def _archive_alone(folder: Path, work: Path, max_bytes: int | None) -> Path | None:
+    """The extracted ``model.tar.gz`` of a folder that holds only it (hidden files aside)."""
+    entries = [entry for entry in folder.iterdir() if not entry.name.startswith(".")]
+    if len(entries) == 1 and entries[0].name == "model.tar.gz" and entries[0].is_file():
+        return _extract(entries[0], work / "model", max_bytes)
+    return None
 
 
 def _extract(archive: Path, destination: Path, max_bytes: int | None) -> Path:

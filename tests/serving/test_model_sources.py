@@ -210,3 +210,20 @@ def test_sagemaker_program_must_stay_inside_the_code_folder(tmp_path, program):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: SAGEMAKER_PROGRAM=") and "outside the model's code" in last
     assert not marker.exists()
+
+
+def test_a_folder_holding_only_model_tar_gz_serves_what_it_holds(start_server, tarred_model,
+                                                                  tmp_path):
+    """What a storage initializer copying a training job's output leaves."""
+    import shutil
+
+    archive, weights = tarred_model
+    folder = tmp_path / "mnt-models"
+    folder.mkdir()
+    shutil.copy(archive, folder / "model.tar.gz")
+    server = start_server(["--model-dir", str(folder), "--workers", "1"],
+                          env={"SAGEMAKER_PROGRAM": "serve_me.py"})
+    x = inputs(2)
+    reply = server.post(npy_bytes(x), "application/x-npy", "application/json")
+    assert reply.status == 200, reply.body
+    np.testing.assert_allclose(reply.json()["scores"], predict_directly(weights, x), rtol=1e-6)
