@@ -55,10 +55,6 @@ access_logger = logging.getLogger("smchainer.serving.access")
 _READ_CHUNK = 64 * 1024
 #: Answered without a token when the server requires one: health checks must work.
 OPEN_PATHS = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
-#: Seconds past a request's timeout before a still-running inference counts as stuck.
-STUCK_GRACE_SECONDS = 1.0
-#: How often each worker looks at its own inference thread for liveness.
-LIVENESS_CHECK_SECONDS = 0.5
 
 
 @dataclass
@@ -303,6 +299,12 @@ class BodyDeadlines:
                 sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
+
+
+#: Seconds past a request's timeout before a still-running inference counts as stuck.
+STUCK_GRACE_SECONDS = 1.0
+#: How often each worker looks at its own inference thread for liveness.
+LIVENESS_CHECK_SECONDS = 0.5
 
 
 class InferenceApp:
