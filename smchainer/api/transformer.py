@@ -30,7 +30,7 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 from smchainer.api.endpoint import find_endpoint
 from smchainer.api.local_mode import (
@@ -40,7 +40,6 @@ from smchainer.api.local_mode import (
     resolve_instance_type,
     warn_ignored,
 )
-from smchainer.api.model import Model
 from smchainer.api.session import Session
 from smchainer.errors import SmchainerError
 from smchainer.transform import records
@@ -57,6 +56,17 @@ from smchainer.transform.progress import Reporter
 __all__ = ["LocalTransformJob", "TransformJobError", "Transformer"]
 
 logger = logging.getLogger(__name__)
+
+class ServableModel(Protocol):
+    """What a transformer needs of its model (an :class:`~smchainer.api.model.Model`)."""
+
+    name: str
+    model_data: str
+    entry_point: Path | None
+    sagemaker_session: Session
+
+    def server_environment(self, instance_type: str) -> dict[str, str]: ...
+
 
 #: ``data_type`` values of the SDK that are refused here.
 UNSUPPORTED_DATA_TYPES = ("ManifestFile", "AugmentedManifestFile")
@@ -202,7 +212,7 @@ class Transformer:
     :param env: extra environment variables of the server.
     """
 
-    def __init__(self, model_name: Model | str, instance_count: int = 1,
+    def __init__(self, model_name: ServableModel | str, instance_count: int = 1,
                  instance_type: str = "local", strategy: str | None = None,
                  assemble_with: str | None = None,
                  output_path: str | os.PathLike[str] | None = None,
@@ -221,7 +231,8 @@ class Transformer:
             ignored["sagemaker_session"] = sagemaker_session
             sagemaker_session = None
         warn_ignored(ignored, type(self).__name__)
-        self.model: Model | None = model_name if isinstance(model_name, Model) else None
+        served = not isinstance(model_name, str) and hasattr(model_name, "server_environment")
+        self.model: ServableModel | None = model_name if served else None  # type: ignore[assignment]
         self.endpoint_url: str | None = None
         if self.model is None:
             self.endpoint_url = _server_url(model_name)

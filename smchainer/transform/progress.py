@@ -11,10 +11,8 @@ only when the stream is a terminal, so logs and pipes get plain lines.
 from __future__ import annotations
 
 import time
-from typing import IO, TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from smchainer.transform.job import FileResult, TransformJob
+from collections.abc import Sequence
+from typing import IO, Any, Protocol
 
 
 class TextStream(Protocol):
@@ -23,6 +21,55 @@ class TextStream(Protocol):
     def write(self, text: str, /) -> int: ...
 
     def flush(self) -> None: ...
+
+
+class FileResult(Protocol):
+    """What a report reads of a finished file (:class:`smchainer.transform.job.FileResult`)."""
+
+    name: str
+    output: str | None
+    records: int
+    requests: int
+
+    @property
+    def failures(self) -> Sequence[Any]: ...
+
+    @property
+    def failed_records(self) -> int: ...
+
+    @property
+    def readable(self) -> bool: ...
+
+
+class TransformJob(Protocol):
+    """What a report reads of the job (:class:`smchainer.transform.job.TransformJob`)."""
+
+    name: str
+    spec: Any
+    status: str
+    url: str | None
+    output_path: str
+    strategy: str
+    max_payload: int | None
+    in_flight: int
+    records: int
+    requests: int
+    done_weight: float
+    total_weight: float
+    started: float
+    ended: float
+
+    @property
+    def inputs(self) -> Sequence[Any]: ...
+
+    @property
+    def files(self) -> Sequence[Any]: ...
+
+    @property
+    def output_files(self) -> list[str]: ...
+
+    @property
+    def failed_records(self) -> int: ...
 
 
 BAR_WIDTH = 30

@@ -23,12 +23,12 @@ from smchainer.default_plugins.vgg.extensions import (
     Checkpointer,
     LearningRateSchedule,
     RecordingEvaluator,
-    StopOnNotice,
     report_progress,
 )
 from smchainer.default_plugins.vgg.hyperparameters import Hyperparameters, resolve_kernels
 from smchainer.default_plugins.vgg.model import build_classifier
 from smchainer.default_plugins.vgg.modelfile import save_model
+from smchainer.default_plugins.vgg.stopping import StopOnNotice
 from smchainer.default_plugins.vgg.updater import AugmentingUpdater
 from smchainer.device import get_device
 
@@ -104,10 +104,10 @@ def run_training(env: TrainingEnv, hp: Hyperparameters) -> dict[str, Any]:
     checkpointer = Checkpointer(checkpoints, env.rank, env.size, hp["keep-checkpoints"], hp,
                                 on_written=sync.notify if sync is not None else None)
     trainer.extend(checkpointer, trigger=every)
-    if env.preemption is not None:
-        trainer.extend(StopOnNotice(env.preemption, checkpointer, comm))
 
     checkpointer.resume(trainer, comm)
+    if env.preemption is not None:  # it keeps no state: nothing of it in a snapshot
+        trainer.extend(StopOnNotice(env.preemption, checkpointer, comm))
     first_iteration = updater.iteration
     trainer.run()
 
