@@ -178,13 +178,16 @@ class TrainingJob:
                 return line[len("Error:"):].strip()
         return f"smchainer-train exited with status {code}"
 
+    def log_text(self) -> str:
+        """The job's whole output so far (empty when there is none yet)."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = 30) -> list[str]:
         """The last ``lines`` lines of the job's output."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return []
-        return text.splitlines()[-lines:]
+        return self.log_text().splitlines()[-lines:]
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the job as SageMaker's ``StopTrainingJob`` does: SIGTERM, then kill.
@@ -221,20 +224,13 @@ class TrainingJob:
         if self.failure_reason:
             summary["FailureReason"] = self.failure_reason
         if self.metric_definitions:
-            try:
-                log = self.log_path.read_text(errors="replace")
-            except OSError:
-                log = ""
-            summary["FinalMetricDataList"] = final_metrics(log, self.metric_definitions)
+            summary["FinalMetricDataList"] = final_metrics(self.log_text(),
+                                                           self.metric_definitions)
         return summary
 
     def metrics(self) -> dict[str, list[float]]:
         """Every value of each of the estimator's ``metric_definitions`` in the job's log."""
-        try:
-            log = self.log_path.read_text(errors="replace")
-        except OSError:
-            return {}
-        return metric_values(log, self.metric_definitions)
+        return metric_values(self.log_text(), self.metric_definitions)
 
 
 class Estimator:

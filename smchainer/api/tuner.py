@@ -529,27 +529,12 @@ class TuningJob:
         job = trial.job
         assert job is not None and job.process is not None and self._study is not None
         running = job.process.poll() is None
-        try:
-            with open(job.log_path, "rb") as log:
-                log.seek(trial.log_offset)
-                chunk = log.read()
-        except OSError:
-            chunk = b""
         # Only whole lines while the job runs, so that a line being written is not cut.
-        end = chunk.rfind(b"\n") + 1 if running else len(chunk)
-        trial.log_offset += end
+        lines, end = self._new_lines(trial, whole_lines_only=running)
         prune: tuple[int, float] | None = None  # the step and value that stop it
-        compiled = self.tuner._compiled_metrics
         pruning = running and self.tuner._prunes
-        for line in chunk[:end].decode(errors="replace").splitlines():
-            for metric, value in line_metrics(line, compiled):
-                with self._lock:
-                    trial.metrics[metric] = value
-                    if metric != self._objective_name:
-                        continue
-                    step = len(trial.objective)
-                    trial.objective.append(value)
-                trial.optuna_trial.report(value, step)
+        for line in lines:
+            for step, value in self._record(trial, line):
                 # Once it is to stop, the rest of the lines are still read and reported.
                 if pruning and prune is None and trial.optuna_trial.should_prune():
                     prune = (step, value)
@@ -579,18 +564,36 @@ class TuningJob:
 
     def _drain(self, trial: _Trial) -> None:
         """Read what is left of the log of a job that ended (values are still reported)."""
+        lines, _ = self._new_lines(trial, whole_lines_only=False)
+        for line in lines:
+            self._record(trial, line)
+
+    def _new_lines(self, trial: _Trial, whole_lines_only: bool) -> tuple[list[str], int]:
+        """The job's log lines since the last read, and how many bytes they took."""
         assert trial.job is not None
-        with open(trial.job.log_path, "rb") as log:
-            log.seek(trial.log_offset)
-            chunk = log.read()
-        trial.log_offset += len(chunk)
-        for line in chunk.decode(errors="replace").splitlines():
-            for metric, value in line_metrics(line, self.tuner._compiled_metrics):
-                with self._lock:
-                    trial.metrics[metric] = value
-                    if metric == self._objective_name:
-                        trial.optuna_trial.report(value, len(trial.objective))
-                        trial.objective.append(value)
+        try:
+            with open(trial.job.log_path, "rb") as log:
+                log.seek(trial.log_offset)
+                chunk = log.read()
+        except OSError:
+            chunk = b""
+        end = chunk.rfind(b"\n") + 1 if whole_lines_only else len(chunk)
+        trial.log_offset += end
+        return chunk[:end].decode(errors="replace").splitlines(), end
+
+    def _record(self, trial: _Trial, line: str) -> list[tuple[int, float]]:
+        """Keep one log line's metrics; report its objective values to Optuna (step, value)."""
+        reported = []
+        for metric, value in line_metrics(line, self.tuner._compiled_metrics):
+            with self._lock:
+                trial.metrics[metric] = value
+                if metric != self._objective_name:
+                    continue
+                step = len(trial.objective)
+                trial.objective.append(value)
+            trial.optuna_trial.report(value, step)
+            reported.append((step, value))
+        return reported
 
     def _settle(self, trial: _Trial) -> None:
         import optuna

@@ -29,7 +29,6 @@ instance (as on SageMaker): ``instance_count`` x it requests are in flight.
 from __future__ import annotations
 
 import concurrent.futures
-import datetime
 import json
 import logging
 import secrets
@@ -40,6 +39,7 @@ from typing import Any
 
 from smchainer.errors import SmchainerError
 from smchainer.storage import is_s3_uri
+from smchainer.training.config import new_job_name as training_job_name
 from smchainer.transform import records as rec
 from smchainer.transform.client import DEFAULT_MAX_RETRIES, DEFAULT_TIMEOUT, Answer, Client
 from smchainer.transform.locations import OUT_SUFFIX, REPORT_NAME, InputFile, Store, local
@@ -54,10 +54,7 @@ DEFAULT_BASE_NAME = "smchainer-transform"
 
 def new_job_name(base: str | None = None) -> str:
     """``<base>-YYYY-mm-dd-HH-MM-SS-mmm``, as the SageMaker SDK names transform jobs."""
-    now = datetime.datetime.now()
-    stamp = now.strftime("%Y-%m-%d-%H-%M-%S-") + f"{now.microsecond // 1000:03d}"
-    base = "".join(c if c.isalnum() or c == "-" else "-" for c in (base or DEFAULT_BASE_NAME))
-    return f"{base.strip('-')[:39] or DEFAULT_BASE_NAME}-{stamp}"
+    return training_job_name(base or DEFAULT_BASE_NAME)
 
 
 @dataclass
