@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -103,7 +104,7 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
                          f"{', '.join(DATATYPES)}")
     shape = _shape(tensor.get("shape"))
     dtype = np.dtype(DATATYPES[datatype])
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)  # Python ints: a huge shape cannot overflow into a 500
     parameters = tensor.get("parameters") or {}
     size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
     if size is not None:

@@ -71,6 +71,7 @@ def test_bad_tensors_are_400s_with_the_reason(server):
         ({"inputs": [{**tensor, "datatype": "BYTES"}]}, "datatype 'BYTES'"),
         ({"inputs": [tensor, tensor]}, "one input tensor, not 2"),
         ({"inputs": [{**tensor, "shape": [1, -4]}]}, "whole numbers >= 0"),
+        ({"inputs": [{**tensor, "shape": [2 ** 70]}]}, "4 values for shape"),
         ({"nothing": 1}, "needs 'inputs'"),
     ]
     for body, words in cases:
