@@ -77,6 +77,15 @@ class Classification:
     scores: np.ndarray
     class_names: list[str]
 
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def __getitem__(self, rows: slice) -> Classification:
+        """The classification of some rows (dynamic batching cuts a merged one so)."""
+        if not isinstance(rows, slice):
+            raise TypeError("a Classification is sliced by rows, not indexed")
+        return Classification(self.scores[rows], self.class_names)
+
     @property
     def labels(self) -> np.ndarray:
         return self.scores.argmax(axis=1)

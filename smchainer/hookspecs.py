@@ -36,7 +36,7 @@ hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 #: The serving hooks, in the order a request meets them.
-SERVING_HOOKS = ("model_fn", "input_fn", "predict_fn", "output_fn", "transform_fn")
+SERVING_HOOKS = ("model_fn", "input_fn", "batch_fn", "predict_fn", "output_fn", "transform_fn")
 #: Every hook name a user module may define, serving and training.
 HOOK_NAMES = SERVING_HOOKS + ("train",)
 #: And the hooks only installed plugins implement.
@@ -81,6 +81,37 @@ def input_fn(input_data: bytes, content_type: str, context: ServingContext) -> A
         (``text/csv; charset=utf-8`` arrives as ``text/csv``).
     :param context: this request's context.
     :return: the decoded input, usually a :class:`numpy.ndarray`.
+    """
+
+
+@hookspec(firstresult=True)
+def batch_fn(input_data: Any, model: Any, context: ServingContext) -> Any | None:
+    """Say that a request may share one :func:`predict_fn` call with others.
+
+    With dynamic batching on (``smchainer-serve --max-batch-size N``, N > 1),
+    requests that wait for the model together are merged: each decoded input
+    is given to this hook, and the arrays it returns (one row per item along
+    the first axis) are concatenated into one ``predict_fn`` call, whose
+    prediction is then cut back into each request's rows (an array, or any
+    object that slices along its first axis to the total length, such as the
+    built-in VGG's classification) for its own :func:`output_fn`.
+
+    Returning None keeps this request to a call of its own, as without
+    batching. An error raised here is this request's answer alone (the
+    built-in VGG checks its images here, so one bad request fails by
+    itself). A plugin or user module that defines ``input_fn`` or
+    ``predict_fn`` but not this hook turns batching off for the server: its
+    functions never meet a merged batch unless it says they may. The
+    built-in VGG (plain, fused and ONNX) answers for its models; a user's
+    ``predict_fn`` that runs any batch along the first axis opts in with
+    ``def batch_fn(input_data, model): return input_data``.
+
+    Stops at the first non-None result.
+
+    :param input_data: what :func:`input_fn` returned for this request.
+    :param model: what :func:`model_fn` returned.
+    :param context: this request's context.
+    :return: an array with the request's items along its first axis, or None.
     """
 
 

@@ -99,6 +99,34 @@ class Hooks:
         return self._answer("input_fn", input_data=input_data, content_type=content_type,
                             context=context)
 
+    def batch_fn(self, input_data: Any, model: Any, context: ServingContext) -> Any:
+        """The request's input as a batch that may be merged with others, or None."""
+        return self.pm.hook.batch_fn(input_data=input_data, model=model, context=context)
+
+    def batching_refusal(self) -> str | None:
+        """Why requests may never be merged (a sentence), or None when they may.
+
+        Merging is for plugins that said so: any plugin (a user module, an
+        installed package) with ``input_fn`` or ``predict_fn`` but no
+        ``batch_fn`` refuses it, and so does any ``transform_fn``, since
+        either could see a merged batch it never expected. The built-in
+        defaults answer last and say for themselves (``batch_fn``).
+        """
+        if self.implements("transform_fn"):
+            names = sorted({i.plugin_name for i in self.pm.hook.transform_fn.get_hookimpls()})
+            return f"{', '.join(names)} defines transform_fn"
+        vouching = {i.plugin_name for i in self.pm.hook.batch_fn.get_hookimpls()}
+        for hook in ("input_fn", "predict_fn"):
+            for impl in getattr(self.pm.hook, hook).get_hookimpls():
+                source = getattr(self.pm, "sources", {}).get(impl.plugin_name)
+                if getattr(source, "kind", None) == "default" or impl.plugin_name in vouching:
+                    continue
+                return (f"{impl.plugin_name} defines {hook} but not batch_fn, which would say "
+                        "that it may be given several requests at once")
+        if not vouching:
+            return "no plugin defines batch_fn"
+        return None
+
     def predict_fn(self, input_data: Any, model: Any,
                    context: ServingContext | None = None) -> Any:
         context = context if context is not None else self.request_context(model)
@@ -153,19 +181,29 @@ class Hooks:
                 if answered is None:
                     break
                 return answered
-        if not refused:
-            context.check_deadline("waiting for the model")
-            decoded = self.input_fn(input_data, content_type, context)
-            context.check_deadline("decoding the request")
-            prediction = self.predict_fn(decoded, model, context)
-            context.check_deadline("predicting")
-            for media_type in accepts:
-                try:
-                    return self.output_fn(prediction, media_type, context)
-                except NotAcceptable as error:
-                    refused.append(str(error))
+        if refused:
+            raise self.not_acceptable(accepts, refused)
+        context.check_deadline("waiting for the model")
+        decoded = self.input_fn(input_data, content_type, context)
+        context.check_deadline("decoding the request")
+        prediction = self.predict_fn(decoded, model, context)
+        context.check_deadline("predicting")
+        return self.encode(prediction, accepts, context)
+
+    def encode(self, prediction: Any, accepts: Sequence[str],
+               context: ServingContext) -> tuple[bytes, str]:
+        """``output_fn`` for the first of ``accepts`` that it does not refuse (406)."""
+        refused: list[str] = []
+        for media_type in accepts:
+            try:
+                return self.output_fn(prediction, media_type, context)
+            except NotAcceptable as error:
+                refused.append(str(error))
+        raise self.not_acceptable(accepts, refused)
+
+    def not_acceptable(self, accepts: Sequence[str], refused: list[str]) -> NotAcceptable:
         supported = ", ".join(self.media_types().encodes) or "none declared"
-        raise NotAcceptable(
+        return NotAcceptable(
             f"no acceptable response type: Accept asks for {', '.join(accepts)}; "
             + (refused[-1] if refused else f"supported: {supported}")
         )

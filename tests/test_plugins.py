@@ -172,9 +172,11 @@ def test_every_hook_is_reachable_from_a_user_module(tmp_path) -> None:
 
         setattr(module, name, impl)
     hooks = Hooks(get_plugin_manager(user_module=module, load_entrypoints=False))
-    hooks.transform(hooks.model_fn("dir"), b"", "a/b", "c/d")
+    model = hooks.model_fn("dir")
+    hooks.transform(model, b"", "a/b", "c/d")
+    assert hooks.batch_fn("decoded", model, hooks.request_context(model)) == "batch_fn"
     hooks.train(None)  # type: ignore[arg-type]
-    assert calls == ["model_fn", "input_fn", "predict_fn", "output_fn", "train"]
+    assert calls == ["model_fn", "input_fn", "predict_fn", "output_fn", "batch_fn", "train"]
     other = type(sys)("user_transform")
     other.transform_fn = lambda *args: b"t"
     assert Hooks(get_plugin_manager(user_module=other, load_entrypoints=False)).transform(

@@ -14,7 +14,9 @@ client only when debug logging is on.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
+import contextlib
 import heapq
 import hmac
 import json
@@ -25,7 +27,7 @@ import socket
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -45,6 +47,7 @@ from smchainer.errors import (
 from smchainer.manager import Hooks
 from smchainer.model_contract import read_contract
 from smchainer.serving import v2
+from smchainer.serving.batching import Batcher, Job
 from smchainer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from smchainer.serving.metrics import WorkerMetrics
 from smchainer.serving.settings import ServerSettings
@@ -154,26 +157,83 @@ def describe(error: BaseException) -> str:
 
 
 class InferenceRunner:
-    """One thread per worker that runs inferences in turn; callers wait with a deadline."""
+    """One thread per worker that runs inferences in turn; callers wait with a deadline.
 
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[[], Any]]]
+    Work is a callable, or a :class:`~smchainer.serving.batching.Job` that the
+    runner's :class:`~smchainer.serving.batching.Batcher` answers, together
+    with the jobs queued behind it when batching is on.
+    """
+
+    def __init__(self, batcher: Batcher | None = None,
+                 model: Callable[[], Any] | None = None, queue_gauge: Any = None) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Any]]
         self._queue = queue.SimpleQueue()
+        self._pending: collections.deque[tuple[concurrent.futures.Future[Any], Any]]
+        self._pending = collections.deque()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self.batcher = batcher
+        self._model = model
+        #: a gauge (``inc``/``dec``) of the work waiting for the thread, or None
+        self._queue_gauge = queue_gauge
+        #: requests of this worker on their way to :meth:`submit` (read on a pool thread)
+        self._arriving = 0
         #: :func:`time.monotonic` when the running inference began; None when idle.
         self.busy_since: float | None = None
 
-    def submit(self, task: Callable[[], Any]) -> concurrent.futures.Future[Any]:
+    def submit(self, work: Any) -> concurrent.futures.Future[Any]:
+        """Queue a callable or a :class:`Job`; its future has the answer."""
         with self._lock:
             if self._thread is None:  # started lazily: the worker is forked by then
                 self._thread = threading.Thread(
                     target=self._run, name="smchainer-inference", daemon=True
                 )
                 self._thread.start()
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        self._queue.put((future, task))
+        future = work.future if isinstance(work, Job) else concurrent.futures.Future()
+        if self._queue_gauge is not None:
+            self._queue_gauge.inc()
+        self._queue.put((future, work))
         return future
+
+    def _taken(self, item: tuple[concurrent.futures.Future[Any], Any]
+               ) -> tuple[concurrent.futures.Future[Any], Any]:
+        if self._queue_gauge is not None:
+            self._queue_gauge.dec()
+        return item
+
+    # -- requests on their way, for the batcher ------------------------------
+
+    @contextlib.contextmanager
+    def arriving_request(self) -> Iterator[None]:
+        """Count a request as on its way from its start until it is submitted or fails."""
+        with self._lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._arriving -= 1
+
+    def arriving(self) -> int:
+        return self._arriving
+
+    def queued(self) -> int:
+        """Requests waiting for the inference thread."""
+        return self._queue.qsize() + len(self._pending)
+
+    def take(self, timeout: float) -> tuple[concurrent.futures.Future[Any], Any] | None:
+        """The next queued work, waiting up to ``timeout`` seconds (0: only what is there)."""
+        if self._pending:
+            return self._pending.popleft()
+        try:
+            item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+        except queue.Empty:
+            return None
+        return self._taken(item)
+
+    def put_back(self, item: tuple[concurrent.futures.Future[Any], Any]) -> None:
+        """Work taken too early: it is the next to run."""
+        self._pending.appendleft(item)
 
     def running_for(self) -> float:
         """Seconds the running inference has taken so far (0 when idle)."""
@@ -182,14 +242,20 @@ class InferenceRunner:
 
     def _run(self) -> None:
         while True:
-            future, task = self._queue.get()
-            if not future.set_running_or_notify_cancel():
+            item = self._pending.popleft() if self._pending else self._taken(self._queue.get())
+            future, work = item
+            if not future.running() and not future.set_running_or_notify_cancel():
                 continue  # its caller timed out while it waited
             self.busy_since = time.monotonic()
             try:
-                future.set_result(task())
+                if isinstance(work, Job):
+                    assert self.batcher is not None and self._model is not None
+                    self.batcher.serve(work, self, self._model())
+                else:
+                    future.set_result(work())
             except BaseException as error:
-                future.set_exception(error)
+                if not future.done():
+                    future.set_exception(error)
             finally:
                 self.busy_since = None
 
@@ -316,7 +382,9 @@ class InferenceApp:
         self.settings = settings
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)
-        self.runner = InferenceRunner()
+        self.batcher = self.make_batcher()
+        self.runner = InferenceRunner(self.batcher, self.model_on_this_thread,
+                                      self.metrics.queued)
         #: which workers of the server have their model (see the worker's accept rule)
         self.ready_markers = WorkerMarkers(settings.metrics_dir, "ready")
         #: which workers have an inference past its timeout (liveness)
@@ -333,6 +401,24 @@ class InferenceApp:
             "/v2/health/live": {"GET": self.live},
             "/v2/health/ready": {"GET": self.ready},
         }
+
+    def model_on_this_thread(self) -> Any:
+        """The loaded model, its device current on the calling thread (CuPy keeps one a thread)."""
+        model = self.holder.require()
+        if self.holder.device is not None:
+            self.holder.device.use()
+        return model
+
+    def make_batcher(self) -> Batcher | None:
+        """The dynamic batcher, when ``--max-batch-size`` > 1 and the plugins allow it."""
+        if self.settings.max_batch_size <= 1:
+            return None
+        refusal = self.hooks.batching_refusal()
+        if refusal is not None:
+            logger.info("dynamic batching is off: %s", refusal)
+            return None
+        return Batcher(self.hooks, self.settings.max_batch_size,
+                       self.settings.max_batch_delay_ms / 1000, self.metrics.observe_batch)
 
     def start(self, worker: int = 0) -> threading.Thread:
         """Begin loading the model for worker number ``worker`` (GPU ``worker mod n``)."""
@@ -483,23 +569,36 @@ class InferenceApp:
         return Response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
 
     def invocations(self, environ: dict[str, Any]) -> Response:
+        with self.metrics.in_flight.track_inprogress():
+            return self.invoke(environ)
+
+    def invoke(self, environ: dict[str, Any]) -> Response:
         deadline = time.monotonic() + self.settings.timeout
-        self.check_length(environ)
-        model = self.holder.require()
-        content_type = content.media_type(
-            environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
-        )
-        accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"), self.default_accept,
-                                           self.hooks.media_types().encodes)
-        body = self.read_body(environ)
-        payload, response_type = self.run_inference(model, body, content_type, accepts, deadline)
+        with self.runner.arriving_request():
+            self.check_length(environ)
+            model = self.holder.require()
+            content_type = content.media_type(
+                environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
+            )
+            accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"),
+                                               self.default_accept,
+                                               self.hooks.media_types().encodes)
+            body = self.read_body(environ)
+            future = self.submit_inference(model, body, content_type, accepts, deadline)
+        payload, response_type = self.wait_for(future, deadline)
         return Response(200, payload, response_type)
 
-    def run_inference(self, model: Any, body: bytes, content_type: str, accepts: list[str],
-                      deadline: float) -> tuple[bytes, str]:
-        """:meth:`infer` on the inference thread, waited for until ``deadline`` (then 504)."""
-        future = self.runner.submit(
+    def submit_inference(self, model: Any, body: bytes, content_type: str, accepts: list[str],
+                         deadline: float) -> concurrent.futures.Future[Any]:
+        """Queue one request for the inference thread: a batching job, else :meth:`infer`."""
+        if self.batcher is not None:
+            return self.runner.submit(Job(body, content_type, accepts, deadline))
+        return self.runner.submit(
             lambda: self.infer(model, body, content_type, accepts, deadline))
+
+    def wait_for(self, future: concurrent.futures.Future[Any],
+                 deadline: float) -> tuple[bytes, str]:
+        """An inference's answer, waited for until ``deadline`` (then 504)."""
         try:
             return future.result(timeout=max(deadline - time.monotonic(), 0))
         except concurrent.futures.TimeoutError:
@@ -542,13 +641,19 @@ class InferenceApp:
         return self.open_inference_infer(environ)
 
     def open_inference_infer(self, environ: dict[str, Any]) -> Response:
+        with self.metrics.in_flight.track_inprogress():
+            return self.open_inference_invoke(environ)
+
+    def open_inference_invoke(self, environ: dict[str, Any]) -> Response:
         deadline = time.monotonic() + self.settings.timeout
-        self.check_length(environ)
-        model = self.holder.require()
-        body = self.read_body(environ)
-        request = v2.parse_infer(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
-        payload, response_type = self.run_inference(
-            model, v2.npy_bytes(request.array), content.NPY, [content.NPY], deadline)
+        with self.runner.arriving_request():
+            self.check_length(environ)
+            model = self.holder.require()
+            body = self.read_body(environ)
+            request = v2.parse_infer(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+            future = self.submit_inference(model, v2.npy_bytes(request.array), content.NPY,
+                                           [content.NPY], deadline)
+        payload, response_type = self.wait_for(future, deadline)
         if response_type != content.NPY:
             raise NotAcceptable(f"the model's output_fn answered {response_type}, not a "
                                 "tensor (application/x-npy)")

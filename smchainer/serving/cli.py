@@ -83,9 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
         f"${config.WORKERS_ENV}, else the CPU count); worker i uses GPU i mod n",
     )
     parser.add_argument(
-        "--threads", metavar="N", default=config.DEFAULT_THREADS,
-        help="threads per worker: one runs inferences, the others answer /ping and "
-        f"/metrics and queue requests (default {config.DEFAULT_THREADS})",
+        "--threads", metavar="N",
+        help="threads per worker that read and answer requests while one more runs the "
+        f"inferences (default {config.DEFAULT_THREADS}, and with dynamic batching at least "
+        "--max-batch-size, so that many requests can wait for one batch)",
+    )
+    parser.add_argument(
+        "--max-batch-size", metavar="N",
+        help="dynamic batching: requests waiting for the model are merged into one "
+        "predict_fn call of up to N items (rows), then split back; 1 turns it off. Only "
+        "where the hooks allow it (batch_fn: the built-in VGG and image plugin do, a "
+        "user's predict_fn opts in) "
+        f"(default ${config.MAX_BATCH_SIZE_ENV}, else {config.DEFAULT_MAX_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--max-batch-delay-ms", metavar="MS",
+        help="dynamic batching: how long a batch waits for requests still on their way "
+        "(being read by the same worker); a lone request never waits "
+        f"(default ${config.MAX_BATCH_DELAY_ENV}, else {config.DEFAULT_MAX_BATCH_DELAY_MS:g})",
     )
     parser.add_argument(
         "--timeout", metavar="SECONDS",
@@ -159,6 +174,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -> ServerSettings:
     """Validate everything the workers will need; raise on the first problem."""
+    from smchainer.manager import Hooks
     from smchainer.plugins import describe_plugins, get_plugin_manager
     from smchainer.serving.model_source import find_user_module, prepare_model_dir
 
@@ -169,7 +185,16 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
     max_payload = (config.positive_int(args.max_payload_mb, "--max-payload-mb")
                    if args.max_payload_mb is not None
                    else config.from_env(config.MAX_PAYLOAD_ENV, config.DEFAULT_MAX_PAYLOAD_MB))
-    threads = config.positive_int(args.threads, "--threads")
+    max_batch_size = (config.positive_int(args.max_batch_size, "--max-batch-size")
+                      if args.max_batch_size is not None
+                      else config.from_env(config.MAX_BATCH_SIZE_ENV,
+                                           config.DEFAULT_MAX_BATCH_SIZE))
+    raw_delay = (args.max_batch_delay_ms if args.max_batch_delay_ms is not None
+                 else os.environ.get(config.MAX_BATCH_DELAY_ENV, "").strip()
+                 or config.DEFAULT_MAX_BATCH_DELAY_MS)
+    max_batch_delay_ms = config.milliseconds(
+        raw_delay, "--max-batch-delay-ms" if args.max_batch_delay_ms is not None
+        else config.MAX_BATCH_DELAY_ENV)
     client_timeout = (config.positive_int(args.client_timeout, "--client-timeout")
                       if args.client_timeout is not None
                       else config.from_env(config.CLIENT_TIMEOUT_ENV,
@@ -204,6 +229,7 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
     for plugin in describe_plugins(pm):
         logger.info("plugin %s (%s): %s", plugin["name"], plugin["kind"],
                     ", ".join(plugin["hooks"]) or "no hooks")
+    threads = batching_threads(args.threads, max_batch_size, Hooks(pm).batching_refusal())
     metrics_dir = work_dir / "metrics"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     return ServerSettings(
@@ -211,7 +237,26 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
         timeout=timeout, host=host, port=port, max_payload_mb=max_payload,
         default_accept=default_accept, log_level=log_level, metrics_dir=metrics_dir,
         auth_token=auth_token, client_timeout=client_timeout, model_name=model_name,
+        max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
     )
+
+
+def batching_threads(given: str | None, max_batch_size: int, refusal: str | None) -> int:
+    """Threads per worker: ``--threads``, else enough for a full batch to wait together.
+
+    Each request waits for its answer on a thread of its worker, so a merged
+    batch holds at most that many requests.
+    """
+    batching = max_batch_size > 1 and refusal is None
+    if max_batch_size > 1 and refusal is not None:
+        logger.info("dynamic batching is off: %s", refusal)
+    if given is not None:
+        threads = config.positive_int(given, "--threads")
+        if batching and threads < max_batch_size:
+            logger.info("a batch holds at most %d requests (--threads %d) of the %d items "
+                        "--max-batch-size allows", threads, threads, max_batch_size)
+        return threads
+    return max(config.DEFAULT_THREADS, max_batch_size) if batching else config.DEFAULT_THREADS
 
 
 def read_auth_token(path: str | None) -> str | None:
@@ -233,9 +278,13 @@ def read_auth_token(path: str | None) -> str | None:
 def serve(args: argparse.Namespace, log_level: int) -> int:
     """Validate, then run gunicorn until it stops; the exit status of the server."""
     from smchainer.serving.gunicorn_app import ServingApplication
+    from smchainer.serving.metrics import use_directory
 
     master = os.getpid()
     work_dir = Path(tempfile.mkdtemp(prefix="smchainer-serve-"))
+    # Before anything (a user's module) imports prometheus_client: the workers' metrics files.
+    (work_dir / "metrics").mkdir()
+    use_directory(work_dir / "metrics")
     try:
         settings = resolve_settings(args, log_level, work_dir)
         logger.info("serving %s on %s with %d worker(s)", settings.model_dir, settings.bind,

@@ -54,6 +54,13 @@ def pre_fork(server: Any, worker: Any) -> None:
     worker.smchainer_index = index
 
 
+def child_exit(server: Any, worker: Any) -> None:
+    """In the master, once a worker has exited: its live gauges go (its counters stay)."""
+    from smchainer.serving.metrics import process_exited
+
+    process_exited(worker.pid)
+
+
 def post_worker_init(worker: Any) -> None:
     """In the worker, once its app is built: start loading the model."""
     worker.wsgi.start(getattr(worker, "smchainer_index", 0))
@@ -92,6 +99,7 @@ class ServingApplication(BaseApplication):
             "control_socket_disable": True,
             "pre_fork": pre_fork,
             "post_worker_init": post_worker_init,
+            "child_exit": child_exit,
         }
 
     def load_config(self) -> None:

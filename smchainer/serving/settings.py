@@ -24,6 +24,8 @@ CLIENT_TIMEOUT_ENV = "SMCHAINER_CLIENT_TIMEOUT"
 AUTH_TOKEN_ENV = "SMCHAINER_AUTH_TOKEN"
 AUTH_TOKEN_FILE_ENV = "SMCHAINER_AUTH_TOKEN_FILE"
 MODEL_NAME_ENV = "SMCHAINER_MODEL_NAME"
+MAX_BATCH_SIZE_ENV = "SMCHAINER_MAX_BATCH_SIZE"
+MAX_BATCH_DELAY_ENV = "SMCHAINER_MAX_BATCH_DELAY_MS"
 
 DEFAULT_PORT = 8080
 #: Loopback, as local model servers bind by default: a container passes --bind 0.0.0.0.
@@ -36,6 +38,10 @@ DEFAULT_CLIENT_TIMEOUT = 10
 DEFAULT_ACCEPT = "application/json"
 #: The model's name in the Open Inference Protocol's routes (/v2/models/<name>).
 DEFAULT_MODEL_NAME = "model"
+#: Dynamic batching: the most items one merged predict_fn call holds (1: off) ...
+DEFAULT_MAX_BATCH_SIZE = 16
+#: ... and how long the first request of a batch waits for others on their way.
+DEFAULT_MAX_BATCH_DELAY_MS = 5.0
 #: The most a model archive may hold once extracted (a gzip bomb guard).
 DEFAULT_MAX_MODEL_SIZE = "4G"
 #: SageMaker sends SIGKILL 30 s after SIGTERM; in-flight requests get a little less.
@@ -64,6 +70,10 @@ ENVIRONMENT = (
     (AUTH_TOKEN_FILE_ENV, "a file holding that token (--auth-token-file)"),
     (MODEL_NAME_ENV, "the model's name in the Open Inference Protocol routes, "
      f"/v2/models/<name> (--model-name); default {DEFAULT_MODEL_NAME}"),
+    (MAX_BATCH_SIZE_ENV, "dynamic batching: the most items (rows) one merged predict_fn call "
+     f"holds, 1 for none (--max-batch-size); default {DEFAULT_MAX_BATCH_SIZE}"),
+    (MAX_BATCH_DELAY_ENV, "dynamic batching: milliseconds a batch waits for requests still "
+     f"arriving (--max-batch-delay-ms); default {DEFAULT_MAX_BATCH_DELAY_MS:g}"),
     ("SMCHAINER_LOAD_PLUGINS", "comma-separated names: load only these installed plugins"),
     ("SMCHAINER_DISABLE_PLUGIN_AUTOLOAD", "1: load no installed plugin"),
     ("SMCHAINER_DEVICE", "cpu: keep every worker on the CPU even when GPUs are visible"),
@@ -96,6 +106,10 @@ class ServerSettings:
     auth_token: str | None = field(default=None, repr=False)
     #: the model's name in /v2/models/<name>
     model_name: str = DEFAULT_MODEL_NAME
+    #: dynamic batching: the most items one merged predict_fn call holds (1: off)
+    max_batch_size: int = 1
+    #: dynamic batching: how long a batch waits for requests still arriving
+    max_batch_delay_ms: float = DEFAULT_MAX_BATCH_DELAY_MS
 
     @property
     def bind(self) -> str:
@@ -132,6 +146,17 @@ def parse_size(value: str, what: str) -> int:
     if size < 1:
         raise UsageError(f"{what} must be a size such as 500M or 8G, not {value!r}")
     return size
+
+
+def milliseconds(value: str | float, what: str) -> float:
+    """``value`` as a number of milliseconds from 0 to 10000, or a :class:`UsageError`."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = -1.0
+    if not 0 <= number <= 10_000:  # NaN fails too
+        raise UsageError(f"{what} must be milliseconds from 0 to 10000, not {value!r}")
+    return number
 
 
 def from_env(name: str, default: int) -> int:

@@ -36,8 +36,9 @@ def test_each_worker_predicts_on_gpu_i_mod_n(start_server, tmp_path):
         assert reply.status == 200, reply.body
         np.testing.assert_allclose(reply.array(), expected, rtol=1e-5, atol=1e-5)
     metrics = server.request("GET", "/metrics").body.decode()
-    devices = dict(re.findall(r'smchainer_worker_info\{worker="(\d+)",pid="\d+",device="([^"]*)"',
-                              metrics))
+    infos = [dict(re.findall(r'(\w+)="([^"]*)"', labels))
+             for labels in re.findall(r"^smchainer_worker_info\{(.*)\} 1", metrics, re.M)]
+    devices = {info["worker"]: info["device"] for info in infos}
     assert devices == {"0": "gpu:0", "1": f"gpu:{1 % count}"}, metrics
     records = {file.read_text() for file in markers.iterdir()}
     assert records and records <= {"@cupy:0 cupy", f"@cupy:{1 % count} cupy"}, records

@@ -1,7 +1,9 @@
 """Workers: model_fn once per worker, metrics summed over workers, stable worker indices."""
 from __future__ import annotations
 
+import os
 import re
+import signal
 import time
 import types
 
@@ -76,8 +78,11 @@ def test_metrics_are_summed_over_the_workers(server):
     for worker in ("0", "1"):
         assert metric(after, f'smchainer_model_loaded{{worker="{worker}"}}') == 1
         assert metric(after, f'smchainer_model_load_seconds{{worker="{worker}"}}') > 0
-    pids = re.findall(r'smchainer_worker_info\{worker="\d",pid="(\d+)",device="cpu"\} 1', after)
-    assert len(set(pids)) == 2, after
+    infos = [dict(re.findall(r'(\w+)="([^"]*)"', labels)) for labels in re.findall(
+        r"^smchainer_worker_info\{(.*)\} 1(?:\.0)?$", after, re.M)]
+    assert sorted(info["worker"] for info in infos) == ["0", "1"], after
+    assert {info["device"] for info in infos} == {"cpu"}, after
+    assert len({info["pid"] for info in infos}) == 2, after
 
 
 def test_worker_indices_are_the_lowest_free_ones():
@@ -97,3 +102,34 @@ def test_worker_indices_are_the_lowest_free_ones():
     replacement = worker()
     pre_fork(server, replacement)
     assert replacement.smchainer_index == 1
+
+
+def worker_infos(text: str) -> dict[str, str]:
+    """worker index -> pid, from ``smchainer_worker_info``."""
+    infos = [dict(re.findall(r'(\w+)="([^"]*)"', labels))
+             for labels in re.findall(r"^smchainer_worker_info\{(.*)\} 1(?:\.0)?$", text, re.M)]
+    return {info["worker"]: info["pid"] for info in infos}
+
+
+def test_counters_survive_a_killed_worker_and_its_gauges_go_with_it(server):
+    name = 'smchainer_requests_total{endpoint="/invocations",status="200"}'
+    for _ in range(6):
+        assert server.post(b"[[1, 2, 3, 4]]", "application/json").status == 200
+    before = server.request("GET", "/metrics").body.decode()
+    pids = worker_infos(before)
+    assert sorted(pids) == ["0", "1"], before
+    os.kill(int(pids["0"]), signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while True:  # gunicorn starts a replacement, which takes index 0 and loads the model
+        text = server.request("GET", "/metrics").body.decode()
+        now = worker_infos(text)
+        if sorted(now) == ["0", "1"] and now["0"] != pids["0"] and metric(
+                text, 'smchainer_model_loaded{worker="0"}') == 1:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(0.1)
+    assert now["1"] == pids["1"]
+    assert metric(text, name) == metric(before, name)  # the dead worker's requests still count
+    assert server.post(b"[[1, 2, 3, 4]]", "application/json").status == 200
+    assert metric(server.request("GET", "/metrics").body.decode(), name) == metric(before,
+                                                                                  name) + 1

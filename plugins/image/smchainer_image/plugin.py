@@ -21,6 +21,11 @@ never see:
     When the input is the very array ``input_fn`` decoded, notes that the
     prediction answers those images. The prediction itself is not touched:
     an ``output_fn`` of the user's still sees the object it expects.
+``batch_fn`` (a wrapper)
+    The same note when the images go into a merged batch (dynamic
+    batching): the request's own rows of the prediction answer them. Whether
+    they may is the word of whichever ``batch_fn`` answers (the built-in
+    VGG's for its models).
 ``output_fn``
     Answers ``application/json`` for predictions of images that are
     classifications (the built-in VGG's, or an ``N x classes`` array when the
@@ -182,6 +187,21 @@ def predict_fn(input_data: Any, model: Any, context: ServingContext) -> Any:
     if request is not None and request.batch is input_data:
         request.predicted = True
     return prediction
+
+
+@hookimpl(wrapper=True)
+def batch_fn(input_data: Any, model: Any, context: ServingContext) -> Any:
+    """Decoded images may share a ``predict_fn`` call when whoever answers says so.
+
+    This plugin keeps no state of its own across that call: when the
+    request's images go into a merged batch, its rows of the prediction come
+    back to this request's ``output_fn``, so they answer its images.
+    """
+    batch = yield
+    request = context.request.get(CONTEXT_KEY)
+    if batch is not None and request is not None and request.batch is input_data:
+        request.predicted = True
+    return batch
 
 
 def is_classification(prediction: Any) -> bool:

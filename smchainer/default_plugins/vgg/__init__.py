@@ -40,8 +40,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Classification", "as_image_batch", "load_model", "model_fn", "output_fn",
-           "predict_fn", "train"]
+__all__ = ["Classification", "as_image_batch", "batch_fn", "load_model", "model_fn",
+           "output_fn", "predict_fn", "train"]
 
 
 @hookimpl(trylast=True)
@@ -129,6 +129,19 @@ def serves_vgg(model: Any, context: ServingContext | None) -> bool:
     except SmchainerError:  # a metadata file the model's own loader did without
         return False
     return contract.present and contract.architecture == ARCHITECTURE
+
+
+@hookimpl(trylast=True)
+def batch_fn(input_data: Any, model: Any, context: ServingContext) -> Any:
+    """A VGG's requests may share a call: their images, checked, as rows; None for others.
+
+    Each request's images are checked here (a 400 is that request's own),
+    and the VGG's layers treat every image of a batch on its own (batch
+    normalization in evaluation mode uses its running statistics).
+    """
+    if not serves_vgg(model, context):
+        return None
+    return as_image_batch(input_data)
 
 
 @hookimpl(trylast=True)
