@@ -10,9 +10,14 @@ it stops, and the loss is read only then (no host sync inside the loop).
 Frameworks:
 
 ``chainer``
-    :class:`smchainer.models.vgg.VGG` through Chainer's own functions. On CuPy
-    14 (no cuDNN) its convolutions are im2col + cuBLAS GEMM and the rest are
-    CuPy / Chainer kernels.
+    :class:`smchainer.models.vgg.VGG` through Chainer's own functions with
+    ``use_cudnn='never'``: convolutions as im2col + cuBLAS GEMM, the rest
+    CuPy / Chainer kernels (what CuPy 14 gave before smchainer's cuDNN binding).
+``chainer-cudnn``
+    The same functions with ``use_cudnn='auto'`` through
+    :mod:`smchainer.compat.cudnn` (cuDNN 9 as ``cupy.cudnn``): Chainer's own
+    cuDNN paths for convolution, batch norm, pooling, ReLU and softmax. An
+    error in the record when the binding is not active.
 ``smchainer-fused``
     The same model with ``fused = True``: channels-last, through
     :mod:`smchainer.functions.channels_last` (one im2col kernel + cuBLAS per
@@ -55,8 +60,8 @@ LEARNING_RATE = 0.05
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 N_CLASSES = 10
-FRAMEWORKS = ("chainer", "smchainer-fused", "torch", "torch-nocudnn")
-CHAINER_FRAMEWORKS = ("chainer", "smchainer-fused")
+FRAMEWORKS = ("chainer", "chainer-cudnn", "smchainer-fused", "torch", "torch-nocudnn")
+CHAINER_FRAMEWORKS = ("chainer", "chainer-cudnn", "smchainer-fused")
 ENV_RECORDED = ("CUPY_TF32", "CHAINER_CUDNN", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
 
@@ -119,15 +124,23 @@ def make_optimizer(model: Any, fused: bool) -> Any:
     return optimizer
 
 
-def chainer_runner(args: argparse.Namespace, fused: bool = False) -> dict:
-    """Build the Chainer model and optimizer; returns step, clock and metadata."""
+def chainer_runner(args: argparse.Namespace, fused: bool = False, cudnn: bool = False) -> dict:
+    """Build the Chainer model and optimizer; returns step, clock and metadata.
+
+    ``cudnn``: Chainer's cuDNN paths (``use_cudnn='auto'``), else ``'never'``;
+    set for the whole process, so each framework's runs see their own.
+    """
     import chainer
     import chainer.functions as F
 
+    from smchainer.compat import cudnn as binding
     from smchainer.device import get_device
     from smchainer.models.vgg import VGG, count_parameters
 
     device = get_device("gpu:0" if args.device == "gpu" else "cpu")
+    if cudnn and not (binding.active() and chainer.backends.cuda.cudnn_enabled):
+        raise RuntimeError(f"cuDNN is not enabled in Chainer: {binding.describe()}")
+    chainer.config.use_cudnn = "auto" if cudnn else "never"
     chainer.config.train = True
     chainer.config.autotune = False
     model = VGG(n_classes=N_CLASSES, width=args.width, depth=args.depth)
@@ -155,7 +168,9 @@ def chainer_runner(args: argparse.Namespace, fused: bool = False) -> dict:
             return None
     else:
         synchronize = xp.cuda.Device().synchronize
-    meta: dict[str, Any] = {"parameters": int(count_parameters(model))}
+    meta: dict[str, Any] = {"parameters": int(count_parameters(model)),
+                            "use_cudnn": chainer.config.use_cudnn,
+                            "cudnn": binding.describe() if cudnn else None}
     if xp is not np:
         meta["cupy_compute_type_float32"] = _cupy_compute_type(xp)
     return {"prepare": prepare, "make_step": make_step, "clock": _Clock(synchronize),
@@ -389,7 +404,8 @@ def run_framework(name: str, args: argparse.Namespace) -> dict:
     """All batch sizes for one framework; errors are recorded, not raised."""
     try:
         if name in CHAINER_FRAMEWORKS:
-            runner = chainer_runner(args, fused=(name == "smchainer-fused"))
+            runner = chainer_runner(args, fused=(name == "smchainer-fused"),
+                                    cudnn=(name == "chainer-cudnn"))
         else:
             runner = torch_runner(args, cudnn=(name == "torch"))
     except Exception as exc:
@@ -465,7 +481,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cpu", "gpu"), default="gpu")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=None,
-                        help="default: all four on the GPU, all but torch-nocudnn on the CPU")
+                        help="default: all five on the GPU; on the CPU chainer, "
+                             "smchainer-fused and torch")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--depth", type=int, default=16)

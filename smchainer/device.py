@@ -93,8 +93,28 @@ def get_device(spec: str | int | None) -> Any:
         raise DeviceError(f"device {spec!r} was asked for but only {count} GPU(s) are visible")
     device = chainer.get_device(f"@cupy:{gpu}")
     device.use()
-    logger.info("using GPU %d", gpu)
+    logger.info("using GPU %d with %s", gpu, cudnn_in_use())
     return device
+
+
+def cudnn_in_use() -> str:
+    """The cuDNN Chainer uses: ``cuDNN 9.19.0 (smchainer ctypes binding, /path)``, or why none.
+
+    Chainer's own switch (``CHAINER_CUDNN=0``) and CuPy 13's own binding are
+    named as such.
+    """
+    import chainer.backends.cuda as cuda
+
+    from smchainer.compat import cudnn
+
+    if cudnn.active():
+        if not cuda.cudnn_enabled:
+            return f"no cuDNN (CHAINER_CUDNN=0; available: {cudnn.describe()})"
+        return cudnn.describe()
+    if cuda.cudnn_enabled:
+        version = getattr(cuda, "_cudnn_version", -1)
+        return f"cuDNN {version} (CuPy's own binding)"
+    return cudnn.describe()
 
 
 def cpu_requested() -> bool:

@@ -7,25 +7,29 @@
 # Stages (each runs even when the one before failed; summary.json says which passed):
 #   1 install   the carried wheels and smchainer into /tmp/pfx (no index, no deps)
 #   2 env       versions, nvidia-smi, the GPU stack as Chainer sees it   -> env.json
+#   2b cudnn    benchmarks/device/cudnn_probe.py (<= CUDNN_SECONDS, 60): the cuDNN 9 library
+#               found, Chainer's conv + batch norm with cuDNN vs without (CUPY_TF32=0)
+#                                                                          -> cudnn.json
 #   3 tests     pytest tests/gpu (layers GPU == CPU, training loss falls,
 #               the CuPy 14 shims compiled by NVRTC), TF32 off         -> pytest-gpu.xml
-#   4 bench     VGG-16 images/s: Chainer's functions, smchainer's fused kernels, PyTorch eager
-#               with and without cuDNN; TF32 on at batch 128/256/512 (BENCH_BATCHES) with a
+#   4 bench     VGG-16 images/s: Chainer's functions without and with cuDNN (chainer,
+#               chainer-cudnn), smchainer's fused kernels, PyTorch eager with and without
+#               cuDNN; TF32 on at batch 64/128/256/512 (BENCH_BATCHES) with a
 #               profile, then fused vs PyTorch with TF32 off    -> bench-tf32.json, bench-fp32.json
 #   4b kernels  GPU time of every kernel and GEMM of a fused VGG-16 step at batch 256, layer
 #               by layer (CUDA events, no Python in the figure)            -> kernels.json
 #   5 train     smchainer-train on CIFAR-10 under a time cap, fused kernels unless their GPU
 #               tests failed (TRAIN_KERNELS overrides)         -> train.json
-#   summary.json, run.log                                              (7 files in $OUT)
+#   summary.json, run.log                                              (8 files in $OUT)
 #
 # Knobs (environment): DEADLINE (seconds for the whole script, default 420: the training
 # stage gets what is left of it, at most TRAIN_SECONDS), TEST_SECONDS BENCH_SECONDS
 # TRAIN_SECONDS EPOCHS (else chosen to fit, at most MAX_EPOCHS, 40) TRAIN_BATCH TRAIN_LR
 # TRAIN_SCHEDULE TRAIN_KERNELS, TRAIN_EXTRA_HP ("key=value ..." added as --hp),
-# BENCH_BATCHES (default "128 256 512"), MPI_BENCH=1 (adds stage mpi: benchmarks/mpi_scaling.py --device gpu, the
+# BENCH_BATCHES (default "64 128 256 512"), CUDNN_SECONDS, MPI_BENCH=1 (adds stage mpi: benchmarks/mpi_scaling.py --device gpu, the
 # end-to-end epoch and NCCL vs no communicator on one rank, capped at MPI_SECONDS, default
 # 150, before train; writes mpi_scaling-*.json), PYTHON (default python3), SKIP (stage names to skip:
-# size install env tests bench kernels train).
+# size install env cudnn tests bench kernels train).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -35,7 +39,10 @@ mkdir -p "$OUT"
 exec > >(tee -a "$OUT/run.log") 2>&1
 
 export PYTHONUNBUFFERED=1
-export CHAINER_CUDNN=${CHAINER_CUDNN:-0}   # CuPy 14 has no cuDNN: say so, no warning
+# cuDNN on: CuPy 14 has none of its own, smchainer.compat.cudnn binds the image's cuDNN 9
+# (torch's lib/libcudnn.so.9; SMCHAINER_CUDNN_LIBRARY names another). CHAINER_CUDNN=0 is
+# Chainer's own switch off (then `chainer` and `chainer-cudnn` run the same path).
+export CHAINER_CUDNN=${CHAINER_CUDNN:-1}
 export CUPY_TF32=${CUPY_TF32:-1}           # TF32 tensor cores for float32 GEMMs
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1  # commands run as root there
 PY=${PYTHON:-python3}
@@ -241,8 +248,11 @@ export PATH="$PFX/bin:$PATH"
 export OUT
 echo "PYTHONPATH=$PYTHONPATH"
 skipped env || record env environment
+skipped cudnn || record cudnn env CUPY_TF32=0 timeout -k 5 "${CUDNN_SECONDS:-60}" \
+  $PY benchmarks/device/cudnn_probe.py --out "$OUT/cudnn.json"
 skipped tests || record tests gpu_tests
-skipped bench || record bench-tf32 bench 1 bench-tf32.json --profile --batch-sizes ${BENCH_BATCHES:-128 256 512}
+skipped bench || record bench-tf32 bench 1 bench-tf32.json --profile \
+  --batch-sizes ${BENCH_BATCHES:-64 128 256 512}
 skipped bench || record bench-fp32 bench 0 bench-fp32.json --frameworks smchainer-fused torch \
   --batch-sizes 128 256
 skipped kernels || record kernels env CUPY_TF32=1 timeout -k 10 "${KERNEL_SECONDS:-60}" \

@@ -1,7 +1,7 @@
 """Gather what benchmarks/device/run.sh left in its output folder into one summary.json.
 
 Usage: ``python summarize.py OUT STAGES`` where STAGES holds one line per
-stage, ``name exit_code seconds``. Reads env.json, pytest-gpu.xml,
+stage, ``name exit_code seconds``. Reads env.json, cudnn.json, pytest-gpu.xml,
 bench-tf32.json, bench-fp32.json and train.json when they are there; a
 missing or broken file is reported in the summary, never an exception.
 """
@@ -83,6 +83,22 @@ def bench_summary(record: Any) -> Any:
     return out
 
 
+def cudnn_summary(record: Any) -> Any:
+    """The cuDNN probe: which library, whether Chainer enabled it, agreement and speed-ups."""
+    if not isinstance(record, dict) or "probe" not in record:
+        return record
+    binding = record.get("binding") or {}
+    out: dict[str, Any] = {
+        "ok": record.get("ok"), "describe": record.get("describe"),
+        "library": binding.get("library"), "version": binding.get("version"),
+        "cudnn_enabled": record.get("cudnn_enabled"), "error": record.get("error"),
+    }
+    for check in record.get("checks", []):
+        out[check["name"]] = {k: check.get(k) for k in (
+            "ok", "relative_error", "ms_always", "ms_never", "speedup") if k in check}
+    return out
+
+
 def train_summary(record: Any) -> Any:
     if not isinstance(record, dict):
         return record
@@ -106,10 +122,12 @@ def summarize(out: Path, stages_file: Path) -> dict[str, Any]:
     """The summary of one run.sh run."""
     env = read_json(out / "env.json")
     keep = ("gpu_name", "cupy", "cuda_runtime", "cuda_driver", "nvrtc", "cudnn_enabled",
-            "chainer", "numpy", "python", "torch", "torch_cudnn", "get_device_gpu0")
+            "cudnn_version", "cudnn", "chainer", "numpy", "python", "torch", "torch_cudnn",
+            "get_device_gpu0")
     return {
         "stages": read_stages(stages_file),
         "env": {k: env.get(k) for k in keep} if isinstance(env, dict) else env,
+        "cudnn": cudnn_summary(read_json(out / "cudnn.json")),
         "tests": read_junit(out / "pytest-gpu.xml"),
         "bench_tf32": bench_summary(read_json(out / "bench-tf32.json")),
         "bench_fp32": bench_summary(read_json(out / "bench-fp32.json")),

@@ -28,6 +28,19 @@ adjusts only the Chainer modules that need it, at the moment they are imported:
     well (``train.log``, a notebook's streamed log). Where the stream is not a
     terminal, ``PrintReport`` writes its lines without the escapes and the
     progress bar is not drawn.
+cuDNN on CuPy 14 (:mod:`smchainer.compat.cudnn`)
+    CuPy 14 has no ``cupy.cudnn``, so Chainer ran without cuDNN (5-10x slower
+    than PyTorch on VGG). Just before ``chainer.backends.cuda`` is imported,
+    ``cupy.cudnn`` and ``cupy.cuda.cudnn`` are put in ``sys.modules``: a
+    binding of cuDNN 9's legacy API through ctypes, found in the
+    ``nvidia-cudnn-cu13`` wheel, torch's ``lib`` or the system
+    (``SMCHAINER_CUDNN_LIBRARY`` names one, ``SMCHAINER_CUDNN=0`` turns it off).
+    Chainer then enables cuDNN itself; ``CHAINER_CUDNN=0`` and
+    ``chainer.config.use_cudnn`` keep their meaning. Dropout, the RNNs and the
+    spatial transformer, which need cuDNN calls the binding leaves out, see
+    ``should_use_cudnn`` as False and take Chainer's own GPU path.
+    ``chainer.print_runtime_info()`` gets a ``cuDNN:`` line. float32
+    convolutions use TF32 only with ``CUPY_TF32=1``.
 ``chainermn.communicators._memory_utility``
     ``unpack_params`` calls ``xp.array(v, copy=False, dtype=...)``, which NumPy 2
     and CuPy 14 refuse when the dtype differs (a copy is needed). Replaced by a
@@ -50,6 +63,7 @@ from collections.abc import Callable, Sequence
 
 import numpy
 
+from smchainer.compat import cudnn as _cudnn
 from smchainer.compat import cupy as _cupy
 
 __all__ = ["install", "installed", "NUMPY_2"]
@@ -190,6 +204,26 @@ def _fix_progress_bar(module: types.ModuleType) -> None:
         setattr(bar, name, only_on_a_terminal)
 
 
+def _fix_runtime_info(module: types.ModuleType) -> None:
+    """``chainer.print_runtime_info()``: a ``cuDNN:`` line (CuPy 14's report has none)."""
+    info = module._RuntimeInfo
+    if getattr(info.__str__, "_smchainer_cudnn", False):
+        return
+    original = info.__str__
+
+    def __str__(self):
+        text = original(self)
+        if not _cudnn.active():
+            return text
+        lines = text.splitlines(keepends=True)
+        at = next((i for i, line in enumerate(lines) if line.startswith("iDeep")), len(lines))
+        lines.insert(at, f"cuDNN: {_cudnn.describe()[len('cuDNN '):]}\n")
+        return "".join(lines)
+
+    __str__._smchainer_cudnn = True  # type: ignore[attr-defined]
+    info.__str__ = __str__
+
+
 # module name -> fix applied right after the module's own code ran
 _Fix = Callable[[types.ModuleType], None]
 _FIXES: dict[str, _Fix] = {
@@ -199,6 +233,8 @@ _FIXES: dict[str, _Fix] = {
     "chainer.backends.cuda": _cupy.fix_cuda_backend,
     "chainer.training.extensions.print_report": _fix_print_report,
     "chainer.training.extensions.util": _fix_progress_bar,
+    "chainer._runtime_info": _fix_runtime_info,
+    **{name: _cudnn.without_cudnn for name in _cudnn.UNBOUND_MODULES},
 }
 # module name -> context manager its own code runs inside
 _AROUND: dict[str, Callable[[], contextlib.AbstractContextManager]] = {

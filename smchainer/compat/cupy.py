@@ -1,7 +1,8 @@
 """The CuPy 12-14 side of the compat layer: what Chainer 7.8.1 needs on today's CuPy.
 
 Applied by the import hook in :mod:`smchainer.compat` around and after the
-import of ``chainer.backends.cuda``; nothing here imports CuPy by itself.
+import of ``chainer.backends.cuda``; CuPy is imported here only just before
+Chainer imports it (to see whether it lacks ``cupy.cudnn``).
 
 ``cupy.cudnn is deprecated``
     CuPy 12 and 13 warn when Chainer imports ``cupy.cudnn``. Under ``-W error``
@@ -16,6 +17,11 @@ import of ``chainer.backends.cuda``; nothing here imports CuPy by itself.
     CuPy 14 has no cuDNN at all, yet Chainer warns at the first GPU use that
     CuPy should be reinstalled with cuDNN (an exception under ``-W error``).
     On CuPy 14 that advice cannot be followed, so it is logged once instead.
+No ``cupy.cudnn`` (CuPy 14)
+    :func:`quiet_cudnn_deprecation` is also the moment
+    :func:`smchainer.compat.cudnn.install_into_cupy` puts smchainer's cuDNN 9
+    binding in its place, when a ``libcudnn.so.9`` is found, so that Chainer
+    enables cuDNN. :func:`describe_gpu_stack` names the library in use.
 CUDA libraries from PyPI (the ``gpu-cudnn`` extra)
     CuPy 13 does not look inside the ``nvidia-*-cu12`` wheels for cuDNN,
     cuBLAS, NCCL..., so without ``LD_LIBRARY_PATH`` Chainer silently ran on the
@@ -140,9 +146,13 @@ def quiet_cudnn_deprecation() -> Iterator[None]:
     """Ignore CuPy's ``cupy.cudnn is deprecated`` warning, and only that one, inside.
 
     Also the moment CuPy is about to be imported: the CUDA wheels' libraries
-    are preloaded first (:func:`preload_cuda_wheels`).
+    are preloaded first (:func:`preload_cuda_wheels`), then the cuDNN 9
+    binding goes in where CuPy has no ``cupy.cudnn``.
     """
     preload_cuda_wheels()
+    from smchainer.compat import cudnn
+
+    cudnn.install_into_cupy()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=CUDNN_DEPRECATION, category=DeprecationWarning)
         yield
@@ -197,6 +207,8 @@ def describe_gpu_stack() -> dict[str, Any]:
     import chainer.backends.cuda as cuda
     import numpy
 
+    from smchainer.compat import cudnn
+
     info: dict[str, Any] = {
         "python": sys.version.split()[0],
         "numpy": numpy.__version__,
@@ -204,6 +216,8 @@ def describe_gpu_stack() -> dict[str, Any]:
         "cupy": None,
         "cuda_available": bool(cuda.available),
         "cudnn_enabled": bool(cuda.cudnn_enabled),
+        "cudnn_version": getattr(cuda, "_cudnn_version", -1),
+        "cudnn": cudnn.status(),
         "CHAINER_CUDNN": os.environ.get("CHAINER_CUDNN"),
         "CUPY_TF32": os.environ.get("CUPY_TF32"),
     }
