@@ -165,7 +165,8 @@ class InferenceRunner:
     """
 
     def __init__(self, batcher: Batcher | None = None,
-                 model: Callable[[], Any] | None = None, queue_gauge: Any = None) -> None:
+                 model: Callable[[], Any] | None = None,
+                 metrics: WorkerMetrics | None = None) -> None:
         self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Any]]
         self._queue = queue.SimpleQueue()
         self._pending: collections.deque[tuple[concurrent.futures.Future[Any], Any]]
@@ -174,8 +175,8 @@ class InferenceRunner:
         self._lock = threading.Lock()
         self.batcher = batcher
         self._model = model
-        #: a gauge (``inc``/``dec``) of the work waiting for the thread, or None
-        self._queue_gauge = queue_gauge
+        #: where the queue's depth and each inference's time go, or None
+        self._metrics = metrics
         #: requests of this worker on their way to :meth:`submit` (read on a pool thread)
         self._arriving = 0
         #: :func:`time.monotonic` when the running inference began; None when idle.
@@ -190,15 +191,15 @@ class InferenceRunner:
                 )
                 self._thread.start()
         future = work.future if isinstance(work, Job) else concurrent.futures.Future()
-        if self._queue_gauge is not None:
-            self._queue_gauge.inc()
+        if self._metrics is not None:
+            self._metrics.queued.inc()
         self._queue.put((future, work))
         return future
 
     def _taken(self, item: tuple[concurrent.futures.Future[Any], Any]
                ) -> tuple[concurrent.futures.Future[Any], Any]:
-        if self._queue_gauge is not None:
-            self._queue_gauge.dec()
+        if self._metrics is not None:
+            self._metrics.queued.dec()
         return item
 
     # -- requests on their way, for the batcher ------------------------------
@@ -246,7 +247,7 @@ class InferenceRunner:
             future, work = item
             if not future.running() and not future.set_running_or_notify_cancel():
                 continue  # its caller timed out while it waited
-            self.busy_since = time.monotonic()
+            started = self.busy_since = time.monotonic()
             try:
                 if isinstance(work, Job):
                     assert self.batcher is not None and self._model is not None
@@ -257,6 +258,8 @@ class InferenceRunner:
                 if not future.done():
                     future.set_exception(error)
             finally:
+                if self._metrics is not None:
+                    self._metrics.inference.observe(time.monotonic() - started)
                 self.busy_since = None
 
 
@@ -383,8 +386,7 @@ class InferenceApp:
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)
         self.batcher = self.make_batcher()
-        self.runner = InferenceRunner(self.batcher, self.model_on_this_thread,
-                                      self.metrics.queued)
+        self.runner = InferenceRunner(self.batcher, self.model_on_this_thread, self.metrics)
         #: which workers of the server have their model (see the worker's accept rule)
         self.ready_markers = WorkerMarkers(settings.metrics_dir, "ready")
         #: which workers have an inference past its timeout (liveness)

@@ -99,6 +99,10 @@ class WorkerMetrics:
         self.duration = Histogram("smchainer_request_duration_seconds",
                                   "Time to answer a request, all workers.", ["endpoint"],
                                   buckets=BUCKETS, registry=r)
+        self.inference = Histogram("smchainer_inference_seconds", "Time the inference "
+                                   "threads spent on each request or merged batch (hooks "
+                                   "only: no HTTP, no queue), all workers.", buckets=BUCKETS,
+                                   registry=r)
         self.batch_size = Histogram("smchainer_batch_size", "Items (rows) per predict_fn call, "
                                     "all workers (dynamic batching merges requests).",
                                     buckets=BATCH_BUCKETS, registry=r)

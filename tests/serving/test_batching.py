@@ -107,6 +107,7 @@ def test_queued_requests_share_one_call_and_each_gets_its_own_rows(tmp_path):
     assert "smchainer_batch_size_sum 7.0" in text and "smchainer_batch_size_count 2.0" in text
     assert 'smchainer_batch_requests_bucket{le="4.0"} 1.0' in text  # the lone first
     assert "smchainer_queue_depth 0.0" in text
+    assert "smchainer_inference_seconds_count 2.0" in text  # the inference thread's two calls
 
 
 def test_a_batch_holds_at_most_max_batch_size_items(tmp_path):
