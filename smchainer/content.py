@@ -230,8 +230,16 @@ def decode_json(body: bytes) -> np.ndarray:
     Numbers that do not fit float32 (a 400-digit integer, 1e400) and bodies
     nested too deep for the parser are 400s, not server errors.
     """
+    array = _json_array(body, None)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        # Rare: read again, number by number, to tell 1e400 (refused) from NaN (kept).
+        array = _json_array(body, _finite_float)
+    return array
+
+
+def _json_array(body: bytes, parse_float: Any) -> np.ndarray:
     try:
-        data = json.loads(body, parse_float=_finite_float)
+        data = json.loads(body, parse_float=parse_float)
     except RecursionError:
         raise BadRequest("JSON body is nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as error:

@@ -40,6 +40,14 @@ LOADED_METRIC = "smchainer_model_loaded{"
 _RUNNING: dict[str, LocalEndpoint] = {}
 
 
+def metric_value(line: str) -> float | None:
+    """The value of one Prometheus sample line (``1`` or ``1.0`` alike), None if unreadable."""
+    try:
+        return float(line.rsplit(" ", 1)[-1])
+    except ValueError:
+        return None
+
+
 class EndpointError(SmchainerError):
     """The endpoint did not come up; the message ends with the server's last log lines."""
 
@@ -205,7 +213,7 @@ class LocalEndpoint:
         if status != 200:
             return 0
         return sum(1 for line in body.splitlines()
-                   if line.startswith(LOADED_METRIC) and line.rsplit(" ", 1)[-1] == "1")
+                   if line.startswith(LOADED_METRIC) and metric_value(line) == 1)
 
     def get(self, path: str) -> tuple[int, str]:
         """``GET path`` on the server: the status (0 when unreachable) and the body."""
