@@ -342,8 +342,8 @@ def serving_rows(records: list[Record]) -> list[list[Any]]:
         for variant in r.data.get("variants", []):
             if "error" in variant:
                 rows.append([r.date, r.machine, f"VGG-{model.get('depth')} x{model.get('width')}",
-                             variant["variant"], "error", "-", "-", "-", "-", "-", "-",
-                             load_text(r), commit_text(r), r.source])
+                             variant["variant"], "error", "-", "-", "-", "-", "-", "-", "-",
+                             "-", load_text(r), commit_text(r), r.source])
                 continue
             overhead = variant.get("overhead", {})
 
@@ -359,8 +359,56 @@ def serving_rows(records: list[Record]) -> list[list[Any]]:
                          pair("npy-1"), pair("npy-10"), pair("npy-64"), pair("json-10"),
                          (f"{peak['images_per_s']:,.0f} ({peak['body']}, c={peak['concurrency']})"
                           if peak and peak.get("images_per_s") else "-"),
+                         batched_gain(r, variant["variant"]), versus_torchserve(r, variant),
                          errors, load_text(r), commit_text(r), r.source])
     return rows
+
+
+def batched_gain(record: Record, variant: str) -> str:
+    """A batched variant's npy-1 images/s at the top concurrency over its unbatched twin's."""
+    gains = (record.data.get("ratios") or {}).get("batched_over_unbatched") or {}
+    for pair, figures in gains.items():
+        if pair.split("/")[0] == variant and figures.get("images_per_s") is not None:
+            return f"{figures['images_per_s']:.2f} (c={figures.get('concurrency')})"
+    return "-"
+
+
+def versus_torchserve(record: Record, variant: dict[str, Any]) -> str:
+    """A smchainer variant's images/s and p99 over TorchServe's, npy-1 at the top concurrency."""
+    rows = [row for row in (record.data.get("ratios") or {}).get("smchainer_over_torchserve", [])
+            if row.get("smchainer") == variant["variant"] and row.get("body") == "npy-1"]
+    if not rows:
+        return "-"
+    top = max(rows, key=lambda row: row["concurrency"])
+    return (f"{fmt(top.get('images_per_s'), 2)} / {fmt(top.get('p99_ms'), 2)} "
+            f"(c={top['concurrency']})")
+
+
+def serving_ratios(records: list[Record]) -> str:
+    """Every smchainer / TorchServe ratio of the latest serving record that has them."""
+    latest = [r for r in records if r.kind == "serving_load"
+              and (r.data.get("ratios") or {}).get("smchainer_over_torchserve")]
+    if not latest:
+        return ""
+    r = latest[-1]
+    versus = r.data["ratios"]["smchainer_over_torchserve"]
+    levels = sorted({row["concurrency"] for row in versus})
+    grouped: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for row in versus:
+        grouped.setdefault((row["smchainer"], row["torchserve"], row["body"]), {})[
+            row["concurrency"]] = row
+    rows = []
+    for (mine, theirs, body), by_level in grouped.items():
+        cells = []
+        for level in levels:
+            row = by_level.get(level)
+            cells.append(f"{fmt(row.get('images_per_s'), 2)} / {fmt(row.get('p99_ms'), 2)}"
+                         if row else "-")
+        rows.append([mine, theirs, body, *cells])
+    return (f"\nsmchainer / TorchServe in the latest run that has both ({r.date}, {r.machine}, "
+            f"{r.source}), per cell: images/s ratio (above 1: smchainer serves more) / p99 "
+            "ratio (below 1: smchainer's tail is shorter), equal batching settings:\n\n"
+            + table(["smchainer", "TorchServe", "body", *[f"c={c}" for c in levels]], rows))
 
 
 def faults_rows(records: list[Record]) -> list[list[Any]]:
@@ -450,12 +498,19 @@ def render(records: list[Record], skipped: dict, plots: list[str], plot_prefix: 
                      "ONNX RT b64 img/s",
                      "PyTorch b64 img/s", "Chainer / PyTorch", "ONNX RT / PyTorch", "load",
                      "commit", "record"], inference_rows(records))]
-    parts += ["### Serving under load (`smchainer-serve`, loopback)", "",
+    parts += ["### Serving under load (`smchainer-serve` and TorchServe, loopback)", "",
               "Per body: p50 latency at concurrency 1 / serving overhead (p50 minus the bare "
-              "`predict_fn`), in ms.", "",
+              "`predict_fn`, for TorchServe the handler's forward pass), in ms. `batched / "
+              "unbatched`: npy-1 images/s of a `-batched` variant over its unbatched twin's at "
+              "the top concurrency; `vs TorchServe`: a smchainer variant's npy-1 images/s / "
+              "p99 over TorchServe's with the same batching, at the top concurrency.", "",
               table(["date", "machine", "model", "variant", "workers", "npy-1", "npy-10",
-                     "npy-64", "json-10", "peak images/s", "errors", "load", "commit",
-                     "record"], serving_rows(records))]
+                     "npy-64", "json-10", "peak images/s", "batched / unbatched",
+                     "vs TorchServe", "errors", "load", "commit", "record"],
+                    serving_rows(records))]
+    versus = serving_ratios(records)
+    if versus:
+        parts.append(versus)
     detail = serving_detail(records)
     if detail:
         parts.append(detail)
@@ -623,7 +678,7 @@ def make_plots(records: list[Record], folder: Path) -> list[str]:
             ax.set_title(title, fontsize=9)
             ax.tick_params(labelsize=7)
         axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-        fig.suptitle(f"smchainer-serve under load ({latest.date}, {latest.machine})",
+        fig.suptitle(f"serving under load ({latest.date}, {latest.machine})",
                      fontsize=9)
         save(fig, "serving_load.png")
     return made

@@ -1,4 +1,4 @@
-"""The real ``smchainer-serve`` under a bounded load, and what serving costs on top of the model.
+"""The real ``smchainer-serve`` under a bounded load, against TorchServe, and what serving costs.
 
 Builds a VGG (random weights, saved as the built-in trainer saves its models:
 ``model.npz`` + ``smchainer-model.json``), starts ``smchainer-serve`` on a
@@ -15,24 +15,47 @@ names and probabilities). Each cell reports requests/s, images/s, p50, p95
 and p99 latency and the errors (a non-200 status, a broken connection or an
 answer of the wrong shape). Each server variant warms every body up before
 timing (every worker loads its model first; ONNX Runtime allocates per
-shape).
+shape), then answers one check batch, whose logits are compared with
+Chainer's (``max_abs_difference_vs_chainer``: every variant serves the same
+network).
 
 Serving overhead: the median latency at concurrency 1 minus the bare
 ``predict_fn`` time for the same batch, measured in a separate process with
 the server's environment (same plugins, same thread counts) on the same
 model; ``codec_ms`` is the part spent decoding and encoding in process
-(``input_fn`` + ``output_fn``), the rest is HTTP, gunicorn and the queue.
+(``input_fn`` + ``output_fn``), the rest is HTTP, the server and the queue.
+For TorchServe the bare time is the handler's forward pass and its
+decode/encode, in a process with the same torch threads.
 
-Variants: with the ONNX Runtime plugin as installed, and with
-``SMCHAINER_ONNX=0`` (plain Chainer); ``--variants onnx`` or ``chainer`` runs
-one. Writes one record to ``benchmarks/results/serving_load-<stamp>.json``::
+Variants, all on the same bodies and cells in one record:
 
-    .venv/bin/python benchmarks/serving_load.py            # VGG-16, both variants
+- ``onnx``: ``smchainer-serve`` with the ONNX Runtime plugin as installed;
+  ``chainer``: with ``SMCHAINER_ONNX=0`` (plain Chainer);
+- ``onnx-batched``, ``chainer-batched``: the same with dynamic batching,
+  ``--max-batch-size`` and ``--max-batch-delay-ms`` (this script's options of
+  those names, default 16 and 5);
+- ``torchserve``: TorchServe (:mod:`torchserve_peer`) serving the same weights
+  converted to PyTorch eager, at ``/predictions/vgg``, with the same workers
+  and threads per worker and a handler that takes and gives smchainer's
+  bodies; ``torchserve-batched``: with TorchServe's ``batchSize`` and
+  ``maxBatchDelay`` set from the same two options.
+
+``ratios`` in the record: per cell, smchainer / TorchServe for equal batching
+(``onnx`` and ``chainer`` against ``torchserve``, the batched ones against
+``torchserve-batched``): images/s (above 1: smchainer serves more) and p99
+(below 1: smchainer's tail is shorter); and per batched variant, its batch-1
+images/s at the highest concurrency over its unbatched twin's. TorchServe
+needs the ``bench`` extra and Java 11+. Writes one record to
+``benchmarks/results/serving_load-<stamp>.json``::
+
+    .venv/bin/python benchmarks/serving_load.py            # VGG-16, the default variants
     .venv/bin/python benchmarks/serving_load.py --quick    # smoke run
+    .venv/bin/python benchmarks/serving_load.py --quick --variants onnx torchserve
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import http.client
 import io
 import json
@@ -58,11 +81,51 @@ from smchainer.errors import SmchainerError
 
 NPY = "application/x-npy"
 JSON = "application/json"
-VARIANTS = {"onnx": "1", "chainer": "0"}  # value of SMCHAINER_ONNX
 CONCURRENCY = (1, 4, 16)
 NPY_BATCHES = (1, 10, 64)
 JSON_BATCH = 10
 N_CLASSES = 10
+#: Images in the untimed check request every variant answers after its warm-up.
+CHECK_BATCH = 10
+#: A served answer may differ from Chainer's logits this much (relative to the largest).
+CHECK_TOLERANCE = 1e-3
+MAX_BATCH_SIZE = 16
+MAX_BATCH_DELAY_MS = 5
+SMCHAINER = "smchainer"
+TORCHSERVE = "torchserve"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One server configuration: which server, which plugin, batched or not."""
+
+    name: str
+    server: str
+    onnx: str | None = None  # SMCHAINER_ONNX of a smchainer variant
+    batched: bool = False
+
+    @property
+    def unbatched(self) -> str:
+        """The same server without batching."""
+        return self.name.removesuffix("-batched")
+
+    @property
+    def peer(self) -> str | None:
+        """The TorchServe variant with the same batching (None for TorchServe itself)."""
+        if self.server == TORCHSERVE:
+            return None
+        return "torchserve-batched" if self.batched else "torchserve"
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("onnx", SMCHAINER, "1"), Variant("chainer", SMCHAINER, "0"),
+    Variant("onnx-batched", SMCHAINER, "1", batched=True),
+    Variant("chainer-batched", SMCHAINER, "0", batched=True),
+    Variant("torchserve", TORCHSERVE), Variant("torchserve-batched", TORCHSERVE, batched=True),
+)}
+#: A full run's variants (about 6 minutes on 2 cores, inside ``run_all.py``'s 10 minutes a
+#: stage); ``chainer`` and ``chainer-batched`` (2-3 minutes each) on request.
+DEFAULT_VARIANTS = ["onnx", "onnx-batched", "torchserve", "torchserve-batched"]
 
 
 @dataclass
@@ -152,8 +215,8 @@ def answer_is_valid(body: Body, status: int, data: bytes) -> bool:
 # --- the load generator ----------------------------------------------------------------------
 
 def run_load(port: int, body: Body, concurrency: int, max_requests: int, time_limit: float,
-             request_timeout: float) -> dict[str, Any]:
-    """Send ``body`` from ``concurrency`` threads until ``max_requests`` or ``time_limit``.
+             request_timeout: float, path: str = "/invocations") -> dict[str, Any]:
+    """POST ``body`` to ``path`` from ``concurrency`` threads until ``max_requests``/``time_limit``.
 
     Returns the cell's figures: requests/s and images/s over the wall time
     (first send to last answer), latency percentiles of the good answers in
@@ -179,7 +242,7 @@ def run_load(port: int, body: Body, concurrency: int, max_requests: int, time_li
                     issued += 1
                 start = time.perf_counter()
                 try:
-                    connection.request("POST", "/invocations", body.data, headers)
+                    connection.request("POST", path, body.data, headers)
                     response = connection.getresponse()
                     data = response.read()
                     ok = answer_is_valid(body, response.status, data)
@@ -222,10 +285,40 @@ def run_load(port: int, body: Body, concurrency: int, max_requests: int, time_li
     return cell
 
 
-def warm_up(port: int, body: Body, workers: int, request_timeout: float) -> int:
+def warm_up(port: int, body: Body, workers: int, request_timeout: float,
+            path: str = "/invocations") -> int:
     """Two requests per worker, ``workers`` at a time; returns how many failed."""
-    cell = run_load(port, body, workers, 2 * workers, 3600.0, request_timeout)
+    cell = run_load(port, body, workers, 2 * workers, 3600.0, request_timeout, path)
     return cell["errors"]
+
+
+def check_answer(port: int, path: str, images: np.ndarray, reference: np.ndarray,
+                 request_timeout: float) -> dict[str, Any]:
+    """One npy request of ``images``; how far its logits are from Chainer's ``reference``."""
+    buffer = io.BytesIO()
+    np.save(buffer, images, allow_pickle=False)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=request_timeout)
+    try:
+        connection.request("POST", path, buffer.getvalue(), {"Content-Type": NPY, "Accept": NPY})
+        response = connection.getresponse()
+        data = response.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    finally:
+        connection.close()
+    if response.status != 200:
+        return {"ok": False, "error": f"status {response.status}: {data[:200]!r}"}
+    try:
+        scores = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        return {"ok": False, "error": f"not npy: {exc}"}
+    if scores.shape != reference.shape:
+        return {"ok": False, "error": f"shape {list(scores.shape)}, not {list(reference.shape)}"}
+    difference = float(np.abs(scores.astype(np.float64) - reference).max())
+    scale = max(1.0, float(np.abs(reference).max()))
+    return {"ok": difference <= CHECK_TOLERANCE * scale, "images": len(images),
+            "max_abs_difference_vs_chainer": difference,
+            "same_labels": bool((scores.argmax(axis=1) == reference.argmax(axis=1)).all())}
 
 
 # --- the bare predict_fn, in a process of its own ---------------------------------------------
@@ -267,14 +360,61 @@ def measure_predict(model_dir: str, images_file: str, npy_batches: Sequence[int]
     return out
 
 
+def measure_torch_predict(torch_dir: str, images_file: str, npy_batches: Sequence[int],
+                          json_batch: int, repeats: int, threads: int) -> dict[str, Any]:
+    """TorchServe's counterpart of :func:`measure_predict`: the handler's own code, in process.
+
+    ``predict_ms`` is the forward pass of the archived network
+    (``VGGHandler.predict``), ``in_process_request_ms`` the handler's decode,
+    forward pass and encode, with ``threads`` torch threads, as a worker has.
+    """
+    import torch
+    import torchserve_handler as handler
+
+    torch.set_num_threads(threads)
+    service = handler.VGGHandler()
+    service.network, service.class_names = handler.load_network(torch_dir)
+    with np.load(images_file, allow_pickle=False) as stored:
+        images = stored["images"]
+    bodies = make_bodies(images, npy_batches, json_batch)
+    out: dict[str, Any] = {"model_type": type(service.network).__name__,
+                           "torch_threads": torch.get_num_threads(),
+                           "handler": "torchserve_handler.VGGHandler"}
+
+    def request(body: Body) -> bytes:
+        scores = service.predict(handler.decode(body.data, body.content_type))
+        return handler.encode(scores, body.accept, service.class_names)[0]
+
+    for body in bodies:
+        decoded = handler.decode(body.data, body.content_type)
+        for _ in range(2):
+            request(body)
+        predict, whole = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            service.predict(decoded)
+            middle = time.perf_counter()
+            request(body)
+            whole.append(time.perf_counter() - middle)
+            predict.append(middle - start)
+        out[body.name] = {"predict_ms": round(1000 * statistics.median(predict), 3),
+                          "in_process_request_ms": round(1000 * statistics.median(whole), 3),
+                          "repeats": repeats}
+    return out
+
+
 def bare_predict(model_dir: Path, images_file: Path, args: argparse.Namespace,
-                 env: dict[str, str]) -> dict[str, Any]:
-    """Run :func:`measure_predict` in a child process with ``env``; its JSON answer."""
-    done = subprocess.run(
-        [sys.executable, __file__, "--measure-predict", str(model_dir), str(images_file),
-         ",".join(map(str, args.npy_batches)), str(args.json_batch), str(args.predict_repeats)],
-        env=env, capture_output=True, text=True, timeout=900,
-    )
+                 env: dict[str, str], torch_dir: Path | None = None) -> dict[str, Any]:
+    """Run :func:`measure_predict` (with ``torch_dir``: :func:`measure_torch_predict`) in a
+    child process with ``env``; its JSON answer."""
+    common = [str(images_file), ",".join(map(str, args.npy_batches)), str(args.json_batch),
+              str(args.predict_repeats)]
+    if torch_dir is None:
+        command = [sys.executable, __file__, "--measure-predict", str(model_dir), *common]
+    else:
+        command = [sys.executable, __file__, "--measure-torch-predict", str(torch_dir), *common,
+                   str(args.threads)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
         raise SmchainerError(f"measuring predict_fn failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -286,53 +426,169 @@ def server_environment(variant: str, workers: int, threads: int) -> dict[str, st
     """The server's environment: the plugin switch and one set of thread counts per worker."""
     env = dict(os.environ)
     env.update({
-        "SMCHAINER_ONNX": VARIANTS[variant],
         "SAGEMAKER_MODEL_SERVER_WORKERS": str(workers),
         "SMCHAINER_ONNX_THREADS": str(threads),
         "OMP_NUM_THREADS": str(threads),
         "OPENBLAS_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
         "SMCHAINER_DEVICE": "cpu",
         "SAGEMAKER_CONTAINER_LOG_LEVEL": "warning",  # no access-log line per request
     })
+    onnx = VARIANTS[variant].onnx
+    if onnx is not None:
+        env["SMCHAINER_ONNX"] = onnx
     return env
 
 
-def run_variant(variant: str, args: argparse.Namespace, model_dir: Path, images_file: Path,
-                bodies: list[Body]) -> dict[str, Any]:
-    """Bare predict_fn times, then the server under every cell's load."""
-    from smchainer.api.endpoint import EndpointError, LocalEndpoint
+def batching_arguments(args: argparse.Namespace) -> list[str]:
+    """The ``smchainer-serve`` options of a batched variant."""
+    return ["--max-batch-size", str(args.max_batch_size),
+            "--max-batch-delay-ms", str(args.max_batch_delay_ms)]
 
-    env = server_environment(variant, args.workers, args.threads)
-    result: dict[str, Any] = {"variant": variant, "SMCHAINER_ONNX": VARIANTS[variant]}
-    print(f"[{variant}] bare predict_fn ...", file=sys.stderr, flush=True)
-    result["in_process"] = bare_predict(model_dir, images_file, args, env)
-    endpoint = LocalEndpoint(f"bench-{variant}-{os.getpid()}", str(model_dir),
-                             workers=args.workers, env=env)
+
+@functools.lru_cache(maxsize=1)
+def serve_help() -> str:
+    """``smchainer-serve --help`` (which options this checkout's server has)."""
+    done = subprocess.run([sys.executable, "-m", "smchainer.serving.cli", "--help"],
+                          capture_output=True, text=True, timeout=120)
+    return done.stdout
+
+
+def serve_arguments(variant: Variant, args: argparse.Namespace) -> list[str]:
+    """The batching options of a smchainer variant's command line.
+
+    Batched: ``--max-batch-size`` and ``--max-batch-delay-ms`` from this
+    script's options (an error when the server has none). Unbatched:
+    ``--max-batch-size 1`` where the server batches by default; nothing on a
+    server without dynamic batching.
+    """
+    has_batching = "--max-batch-size" in serve_help()
+    if variant.batched:
+        missing = [o for o in ("--max-batch-size", "--max-batch-delay-ms") if o not in serve_help()]
+        if missing:
+            raise SmchainerError(f"smchainer-serve has no {', '.join(missing)} option "
+                                 "(dynamic batching is not in this checkout)")
+        return batching_arguments(args)
+    return ["--max-batch-size", "1"] if has_batching else []
+
+
+@dataclass
+class Server:
+    """A started server variant: where to send, and how to stop it."""
+
+    port: int
+    path: str
+    stop: Any  # () -> what the record keeps about the stop
+    log_tail: Any  # () -> list[str]
+
+
+def start_smchainer(variant: Variant, args: argparse.Namespace, model_dir: Path,
+                    env: dict[str, str], result: dict[str, Any]) -> Server:
+    """``smchainer-serve`` on a free port (with the batching options for a batched variant)."""
+    from smchainer.api.endpoint import LocalEndpoint
+
+    extra = serve_arguments(variant, args)
+    result["server_arguments"] = extra
+
+    class Endpoint(LocalEndpoint):
+        def command(self) -> list[str]:
+            return [*super().command(), *extra]
+
+    endpoint = Endpoint(f"bench-{variant.name}-{os.getpid()}", str(model_dir),
+                        workers=args.workers, env=env)
+    endpoint.start(timeout=args.start_timeout)
+    return Server(endpoint.port, "/invocations",
+                  lambda: {"exit_status": endpoint.stop()}, lambda: endpoint.log_tail(10))
+
+
+def start_torchserve(variant: Variant, args: argparse.Namespace, peer: dict[str, Any],
+                     env: dict[str, str], result: dict[str, Any]) -> Server:
+    """TorchServe with the archived VGG, the same workers and threads (batched: TorchServe's)."""
+    import torchserve_peer
+
+    settings = torchserve_peer.TorchServeSettings(
+        workers=args.workers, threads=args.threads,
+        batch_size=args.max_batch_size if variant.batched else 1,
+        max_batch_delay_ms=args.max_batch_delay_ms if variant.batched else 0,
+        response_timeout_s=max(1, int(args.request_timeout)))
+    server = torchserve_peer.TorchServe(peer["mar"], settings, env)
+    server.start(timeout=args.start_timeout)
+    described = server.describe() or {}
+    result["torchserve"] = {
+        "config": {k: v for k, v in server.config().items()
+                   if k not in ("model_store", "initial_worker_port")
+                   and not k.endswith("_address")},
+        "registered": {k: described.get(k) for k in ("batchSize", "maxBatchDelay",
+                                                     "minWorkers", "maxWorkers",
+                                                     "responseTimeout")},
+        "workers_ready": server.ready_workers(),
+        "worker_reports": server.worker_reports(),
+        "path": server.path,
+    }
+    return Server(server.port, server.path, server.stop, lambda: server.log_tail(10))
+
+
+def run_variant(name: str, args: argparse.Namespace, model_dir: Path, images_file: Path,
+                bodies: list[Body], check: tuple[np.ndarray, np.ndarray],
+                peer: dict[str, Any] | None, in_process_cache: dict[str, Any]) -> dict[str, Any]:
+    """Bare predict_fn times, then the server under every cell's load.
+
+    A batched smchainer variant reuses its unbatched twin's bare times when
+    this run measured them (the same model and environment, batching aside).
+    """
+    variant = VARIANTS[name]
+    env = server_environment(name, args.workers, args.threads)
+    result: dict[str, Any] = {"variant": name, "server": variant.server,
+                              "batched": variant.batched}
+    if variant.onnx is not None:
+        result["SMCHAINER_ONNX"] = variant.onnx
+    if variant.server == TORCHSERVE and (peer is None or "error" in peer):
+        result["error"] = (peer or {}).get("error", "TorchServe peer not prepared")
+        return result
+    key = variant.server + (variant.onnx or "")
+    if key in in_process_cache:
+        result["in_process"] = in_process_cache[key]
+        result["in_process_from"] = in_process_cache[key + ":variant"]
+    else:
+        print(f"[{name}] bare predict_fn ...", file=sys.stderr, flush=True)
+        torch_dir = peer["torch_dir"] if variant.server == TORCHSERVE and peer else None
+        result["in_process"] = bare_predict(model_dir, images_file, args, env, torch_dir)
+        in_process_cache[key] = result["in_process"]
+        in_process_cache[key + ":variant"] = name
     started = time.perf_counter()
     try:
-        endpoint.start(timeout=args.start_timeout)
-    except EndpointError as error:
+        if variant.server == TORCHSERVE:
+            assert peer is not None
+            server = start_torchserve(variant, args, peer, env, result)
+        else:
+            server = start_smchainer(variant, args, model_dir, env, result)
+    except SmchainerError as error:  # EndpointError and TorchServeError too
         result["error"] = str(error)
         return result
     result["server_start_s"] = round(time.perf_counter() - started, 3)
     cells = []
     try:
         for body in bodies:
-            failed = warm_up(endpoint.port, body, args.workers, args.request_timeout)
+            failed = warm_up(server.port, body, args.workers, args.request_timeout, server.path)
             for concurrency in args.concurrency:
-                cell = run_load(endpoint.port, body, concurrency, args.max_requests,
-                                args.time_limit, args.request_timeout)
+                cell = run_load(server.port, body, concurrency, args.max_requests,
+                                args.time_limit, args.request_timeout, server.path)
                 cell["warmup_errors"] = failed
                 cells.append(cell)
-                print(f"[{variant}] {body.name:8s} c={concurrency:<3d} "
+                print(f"[{name}] {body.name:8s} c={concurrency:<3d} "
                       f"{cell['requests_per_s'] or 0:8.2f} req/s {cell['images_per_s'] or 0:9.1f} "
                       f"img/s  p50 {cell.get('p50_ms', float('nan')):8.1f} ms  "
                       f"p99 {cell.get('p99_ms', float('nan')):8.1f} ms  errors {cell['errors']}",
                       file=sys.stderr, flush=True)
+        result["answer_check"] = check_answer(server.port, server.path, check[0], check[1],
+                                              args.request_timeout)
     finally:
         if not cells:
-            result["server_log_tail"] = endpoint.log_tail(10)
-        result["server_exit_status"] = endpoint.stop()
+            result["server_log_tail"] = server.log_tail()
+        stopped = server.stop()
+        result["server_exit_status"] = stopped.get("exit_status")
+        if variant.server == TORCHSERVE:
+            result["torchserve"]["stop"] = stopped
     result["cells"] = cells
     result["overhead"] = overhead(cells, result["in_process"])
     return result
@@ -357,19 +613,99 @@ def overhead(cells: list[dict[str, Any]], in_process: dict[str, Any]) -> dict[st
     return out
 
 
+# --- ratios between variants ----------------------------------------------------------------
+
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return round(numerator / denominator, 4)
+
+
+def ratios(variants: list[dict[str, Any]]) -> dict[str, Any]:
+    """smchainer / TorchServe per cell at equal batching, and batched / unbatched at batch 1.
+
+    ``smchainer_over_torchserve``: one row per smchainer variant, body and
+    concurrency whose TorchServe peer (``torchserve`` or
+    ``torchserve-batched``) ran the same cell: ``images_per_s`` (above 1:
+    smchainer serves more) and ``p99_ms`` (below 1: its tail is shorter).
+    ``batched_over_unbatched``: per batched variant whose unbatched twin ran,
+    the ``npy-1`` images/s at the highest concurrency both measured.
+    """
+    by_name = {v["variant"]: v for v in variants if "error" not in v}
+    cells = {name: {(c["body"], c["concurrency"]): c for c in v.get("cells", [])}
+             for name, v in by_name.items()}
+    versus = []
+    for name in by_name:
+        peer = VARIANTS[name].peer
+        if peer is None or peer not in by_name:
+            continue
+        for key, cell in cells[name].items():
+            other = cells[peer].get(key)
+            if other is None:
+                continue
+            versus.append({"smchainer": name, "torchserve": peer, "body": key[0],
+                           "concurrency": key[1],
+                           "images_per_s": _ratio(cell.get("images_per_s"),
+                                                  other.get("images_per_s")),
+                           "p99_ms": _ratio(cell.get("p99_ms"), other.get("p99_ms"))})
+    batched = {}
+    for name in by_name:
+        variant = VARIANTS[name]
+        if not variant.batched or variant.unbatched not in by_name:
+            continue
+        shared = [c for (body, c) in cells[name]
+                  if body == "npy-1" and ("npy-1", c) in cells[variant.unbatched]]
+        if not shared:
+            continue
+        top = max(shared)
+        batched[f"{name}/{variant.unbatched}"] = {
+            "body": "npy-1", "concurrency": top,
+            "images_per_s": _ratio(cells[name][("npy-1", top)].get("images_per_s"),
+                                   cells[variant.unbatched][("npy-1", top)].get("images_per_s")),
+        }
+    return {"smchainer_over_torchserve": versus, "batched_over_unbatched": batched}
+
+
 # --- the command -----------------------------------------------------------------------------
+
+def chainer_logits(model_dir: Path, images: np.ndarray) -> np.ndarray:
+    """The served model's logits for ``images``, by Chainer (what every variant must answer)."""
+    import chainer
+
+    from smchainer.default_plugins.vgg.modelfile import load_model
+
+    model = load_model(model_dir)
+    with chainer.using_config("train", False), chainer.no_backprop_mode():
+        return model(images).array.astype(np.float64)
+
+
+def prepare_torchserve(model_dir: Path, folder: Path, class_names: list[str],
+                       check_images: np.ndarray) -> dict[str, Any]:
+    """The served model converted to PyTorch eager and archived; or ``{"error": why}``."""
+    import torchserve_peer
+
+    reason = torchserve_peer.missing_reason()
+    if reason is not None:
+        return {"error": f"TorchServe cannot run: {reason}"}
+    from smchainer.default_plugins.vgg.modelfile import load_model
+
+    print("[torchserve] converting and archiving the model ...", file=sys.stderr, flush=True)
+    return torchserve_peer.archive_vgg(load_model(model_dir), class_names, folder,
+                                       check_images=check_images)
+
 
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Images, model, then every server variant; the whole record."""
     record = benchlib.context("serving_load", args.quick)
     images, class_names = load_test_images(args.test_zip, max(*args.npy_batches,
-                                                              args.json_batch))
+                                                              args.json_batch, CHECK_BATCH))
     bodies = make_bodies(images, args.npy_batches, args.json_batch)
     with tempfile.TemporaryDirectory(prefix="smchainer-serving-bench-") as tmp:
         model_dir = Path(tmp) / "model"
         record["model"] = save_vgg(model_dir, args.depth, args.width, class_names, args.seed)
         images_file = Path(tmp) / "images.npz"
         np.savez(images_file, images=images)
+        check = (images[:CHECK_BATCH], chainer_logits(model_dir, images[:CHECK_BATCH]))
         record["settings"] = {
             "workers": args.workers, "threads_per_worker": args.threads,
             "server_threads": "smchainer-serve default (gthread)",
@@ -380,9 +716,41 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                                 "accept": b.accept} for b in bodies},
             "images": f"{args.test_zip.name}: {len(images)} CIFAR-10 test images",
             "load_generator": "Python threads, one keep-alive http.client connection each",
+            "batching": {"max_batch_size": args.max_batch_size,
+                         "max_batch_delay_ms": args.max_batch_delay_ms,
+                         # smchainer's limit counts rows (images), TorchServe's requests:
+                         # the same at batch 1, not for the larger bodies
+                         "smchainer": " ".join(batching_arguments(args)) + " (rows)",
+                         "smchainer_unbatched": "--max-batch-size 1",
+                         "torchserve": f"batchSize={args.max_batch_size} (requests), "
+                                       f"maxBatchDelay={args.max_batch_delay_ms} ms",
+                         "torchserve_unbatched": "batchSize=1, maxBatchDelay=0"},
+            "check_batch": CHECK_BATCH,
         }
-        record["variants"] = [run_variant(v, args, model_dir, images_file, bodies)
-                              for v in args.variants]
+        peer = None
+        variants = list(args.variants)
+        if any(VARIANTS[v].server == TORCHSERVE for v in variants):
+            try:
+                peer = prepare_torchserve(model_dir, Path(tmp) / "torchserve", class_names,
+                                          check[0])
+            except SmchainerError as error:
+                peer = {"error": str(error)}
+            record["torchserve_peer"] = {
+                k: v for k, v in peer.items()
+                if k not in ("mar", "torch_dir", "check_images", "reference_logits")}
+            import torchserve_peer
+
+            record["torchserve_peer"]["versions"] = torchserve_peer.versions()
+            if "error" in peer and not args.variants_given:
+                # the default set without the bench extra or Java: left out, not failed
+                skipped = [v for v in variants if VARIANTS[v].server == TORCHSERVE]
+                record["skipped_variants"] = {v: peer["error"] for v in skipped}
+                variants = [v for v in variants if v not in skipped]
+                print(f"[torchserve] skipped: {peer['error']}", file=sys.stderr, flush=True)
+        cache: dict[str, Any] = {}
+        record["variants"] = [run_variant(v, args, model_dir, images_file, bodies, check, peer,
+                                          cache) for v in variants]
+        record["ratios"] = ratios(record["variants"])
     return benchlib.finish(record)
 
 
@@ -392,14 +760,23 @@ def build_parser() -> ArgumentParser:
     add_common_arguments(parser)
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 32 requests or 1 s per cell, a width-0.125 VGG-8, "
-                        "the ONNX variant only (explicit options win)")
+                        "the onnx variant only (explicit options win)")
     parser.add_argument("--depth", type=int, choices=(8, 11, 13, 16, 19), default=None,
                         help="VGG depth (default 16)")
     parser.add_argument("--width", type=benchlib.positive(float), default=None,
                         help="VGG width multiplier (default 1.0)")
-    parser.add_argument("--variants", nargs="+", choices=sorted(VARIANTS), default=None,
-                        help="onnx: the ONNX Runtime plugin as installed; chainer: "
-                        "SMCHAINER_ONNX=0 (default both)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=None,
+                        help="onnx: smchainer-serve with the ONNX Runtime plugin as installed; "
+                        "chainer: SMCHAINER_ONNX=0; X-batched: with --max-batch-size and "
+                        "--max-batch-delay-ms; torchserve(-batched): TorchServe with the same "
+                        f"weights in PyTorch eager (default {' '.join(DEFAULT_VARIANTS)})")
+    parser.add_argument("--max-batch-size", type=benchlib.positive(int), default=MAX_BATCH_SIZE,
+                        help="batched variants: smchainer-serve's --max-batch-size and "
+                        f"TorchServe's batchSize (default {MAX_BATCH_SIZE})")
+    parser.add_argument("--max-batch-delay-ms", type=benchlib.positive(int),
+                        default=MAX_BATCH_DELAY_MS,
+                        help="batched variants: smchainer-serve's --max-batch-delay-ms and "
+                        f"TorchServe's maxBatchDelay (default {MAX_BATCH_DELAY_MS})")
     parser.add_argument("--concurrency", type=benchlib.positive(int), nargs="+",
                         default=list(CONCURRENCY))
     parser.add_argument("--npy-batches", type=benchlib.positive(int), nargs="+",
@@ -431,8 +808,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv`` and fill in the defaults of a full or ``--quick`` run."""
     args = build_parser().parse_args(argv)
     quick = args.quick
+    args.variants_given = args.variants is not None
     defaults = {"depth": 8 if quick else 16, "width": 0.125 if quick else 1.0,
-                "variants": ["onnx"] if quick else ["onnx", "chainer"],
+                "variants": ["onnx"] if quick else list(DEFAULT_VARIANTS),
                 "max_requests": 32 if quick else 200, "time_limit": 1.0 if quick else 5.0,
                 "predict_repeats": 3 if quick else 7, "workers": benchlib.cpus_available()}
     for name, value in defaults.items():
@@ -442,7 +820,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.threads = max(1, benchlib.cpus_available() // args.workers)
     if args.json_batch < 0:
         raise SmchainerError("--json-batch must not be negative")
+    args.variants = list(dict.fromkeys(args.variants))  # each once, in the order given
     return args
+
+
+def fmt_ratio(value: float | None) -> str:
+    """A ratio for the summary lines (``-`` when one side has no figure)."""
+    return "-" if value is None else f"{value:6.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -454,6 +838,12 @@ def main(argv: list[str] | None = None) -> int:
                                          [int(b) for b in npy_batches.split(",") if b],
                                          int(json_batch), int(repeats))))
         return 0
+    if argv[:1] == ["--measure-torch-predict"]:  # the child process of bare_predict, TorchServe
+        torch_dir, images_file, npy_batches, json_batch, repeats, threads = argv[1:7]
+        print(json.dumps(measure_torch_predict(torch_dir, images_file,
+                                               [int(b) for b in npy_batches.split(",") if b],
+                                               int(json_batch), int(repeats), int(threads))))
+        return 0
 
     def body() -> int:
         args = parse_args(argv)
@@ -464,14 +854,29 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{variant['variant']}: {variant['error']}")
                 continue
             for name, figures in variant["overhead"].items():
-                print(f"{variant['variant']:8s} {name:8s} served p50 "
+                print(f"{variant['variant']:18s} {name:8s} served p50 "
                       f"{figures['served_p50_ms']:8.1f} ms, predict_fn "
                       f"{figures['predict_ms']:8.1f} ms, overhead "
                       f"{figures['overhead_ms']:7.1f} ms")
+            check = variant.get("answer_check", {})
+            if check and not check.get("ok"):
+                print(f"{variant['variant']}: answers differ from Chainer's: {check}")
+        for row in record["ratios"]["smchainer_over_torchserve"]:
+            print(f"{row['smchainer']:14s} / {row['torchserve']:18s} {row['body']:8s} "
+                  f"c={row['concurrency']:<3d} images/s {fmt_ratio(row['images_per_s'])}  "
+                  f"p99 {fmt_ratio(row['p99_ms'])}")
+        for pair, row in record["ratios"]["batched_over_unbatched"].items():
+            print(f"{pair}: {row['body']} c={row['concurrency']} images/s "
+                  f"{fmt_ratio(row['images_per_s'])}")
         print(f"record: {path}")
         failed = [v["variant"] for v in record["variants"] if "error" in v]
         if failed:
             raise SmchainerError(f"server variant(s) {', '.join(failed)} did not start")
+        wrong = [v["variant"] for v in record["variants"]
+                 if not v.get("answer_check", {}).get("ok")]
+        if wrong:
+            raise SmchainerError(f"server variant(s) {', '.join(wrong)} answered the check "
+                                 "batch wrongly")
         return 0
 
     return run(body, lambda: "--debug" in argv)
