@@ -8,9 +8,16 @@ the built-in VGG defaults and the ONNX plugin), decoding in
 """
 from smchainer_image.archive import decode_zip
 from smchainer_image.decode import MAX_PIXELS, InputSpec, decode_image
-from smchainer_image.plugin import input_fn, media_types, model_fn, output_fn, predict_fn
+from smchainer_image.plugin import (
+    batch_fn,
+    input_fn,
+    media_types,
+    model_fn,
+    output_fn,
+    predict_fn,
+)
 
 __all__ = [
     "MAX_PIXELS", "InputSpec", "decode_image", "decode_zip",
-    "input_fn", "media_types", "model_fn", "output_fn", "predict_fn",
+    "batch_fn", "input_fn", "media_types", "model_fn", "output_fn", "predict_fn",
 ]

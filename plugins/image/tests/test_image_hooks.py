@@ -185,3 +185,41 @@ def test_a_users_output_fn_still_sees_the_vgg_classification(tmp_path) -> None:
                             extra=[("user-output", UserOutput())])
     body, _ = hooks.transform(model, rgb_png(), "image/png", "application/json")
     assert json.loads(body) == {"type": "Classification"}
+
+
+def test_installed_image_and_onnx_plugins_leave_dynamic_batching_on(tmp_path) -> None:
+    for only in (["image"], ["image", "onnx"]):
+        assert Hooks(get_plugin_manager(only=only)).batching_refusal() is None, only
+
+
+def test_merged_image_requests_answer_like_requests_alone(tmp_path) -> None:
+    """Two PNGs and a zip of three, merged into one VGG predict_fn call by the batcher."""
+    from image_helpers import png, save_vgg
+
+    from smchainer.serving.batching import Batcher, Job
+
+    save_vgg(tmp_path)
+    hooks = Hooks(get_plugin_manager(only=["image"]))
+    model = hooks.model_fn(str(tmp_path))
+    rng = np.random.RandomState(3)
+    images = [png((rng.uniform(0, 255, (32, 32, 3))).astype(np.uint8)) for _ in range(5)]
+    bodies = [(images[0], "image/png"), (images[1], "image/png"),
+              (make_zip([(f"m{i}.png", image) for i, image in enumerate(images[2:])]),
+               "application/zip")]
+    alone = [json.loads(hooks.transform(model, body, kind, "application/json")[0])
+             for body, kind in bodies]
+    calls = []
+    batcher = Batcher(hooks, 8, 0.0, lambda items, requests: calls.append((items, requests)))
+    jobs = [Job(body, kind, ["application/json"], float("inf")) for body, kind in bodies]
+    assert all(batcher.prepare(job, model) for job in jobs)
+    batcher.run_merged(jobs, model)
+    assert calls == [(5, 3)]
+    for job, expected in zip(jobs, alone, strict=True):
+        body, kind = job.future.result(timeout=10)
+        merged = json.loads(body)
+        assert kind == "application/json" and len(merged["predictions"]) == len(
+            expected["predictions"])
+        for got, want in zip(merged["predictions"], expected["predictions"], strict=True):
+            assert got["label"] == want["label"] and got.get("image") == want.get("image")
+            assert [c["class"] for c in got["top_k"]] == [c["class"] for c in want["top_k"]]
+            np.testing.assert_allclose(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
