@@ -571,14 +571,21 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, images_fil
         for body in bodies:
             failed = warm_up(server.port, body, args.workers, args.request_timeout, server.path)
             for concurrency in args.concurrency:
+                smchainer = variant.server != TORCHSERVE
+                before = server_sums(server.port) if smchainer else None
                 cell = run_load(server.port, body, concurrency, args.max_requests,
                                 args.time_limit, args.request_timeout, server.path)
+                if before is not None:
+                    cell["inference_threads"] = inference_threads(before,
+                                                                  server_sums(server.port))
                 cell["warmup_errors"] = failed
                 cells.append(cell)
                 print(f"[{name}] {body.name:8s} c={concurrency:<3d} "
                       f"{cell['requests_per_s'] or 0:8.2f} req/s {cell['images_per_s'] or 0:9.1f} "
                       f"img/s  p50 {cell.get('p50_ms', float('nan')):8.1f} ms  "
-                      f"p99 {cell.get('p99_ms', float('nan')):8.1f} ms  errors {cell['errors']}",
+                      f"p99 {cell.get('p99_ms', float('nan')):8.1f} ms  errors {cell['errors']}"
+                      + (f"  items/call {cell['inference_threads']['mean_items']}"
+                         if "inference_threads" in cell else ""),
                       file=sys.stderr, flush=True)
         result["answer_check"] = check_answer(server.port, server.path, check[0], check[1],
                                               args.request_timeout)
@@ -592,6 +599,50 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, images_fil
     result["cells"] = cells
     result["overhead"] = overhead(cells, result["in_process"])
     return result
+
+
+#: Sums in smchainer-serve's /metrics that say what its inference threads did.
+SERVER_SUMS = ("smchainer_batch_size_sum", "smchainer_batch_size_count",
+               "smchainer_batch_requests_sum", "smchainer_inference_seconds_sum",
+               "smchainer_inference_seconds_count")
+
+
+def server_sums(port: int) -> dict[str, float]:
+    """:data:`SERVER_SUMS` from smchainer-serve's ``/metrics`` (all workers summed)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request("GET", "/metrics")
+        text = connection.getresponse().read().decode()
+    finally:
+        connection.close()
+    sums = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in SERVER_SUMS:
+            sums[name] = float(value)
+    return sums
+
+
+def inference_threads(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """What the server's inference threads did during one cell, from its /metrics.
+
+    ``mean_items``/``mean_requests``: per ``predict_fn`` call of the batcher
+    (1 and 1 without merging); ``inference_ms``: the mean time an inference
+    thread spent on one unit of work (a request, or a merged batch), hooks
+    only, so ``p50 - inference_ms`` at concurrency 1 is what HTTP and the
+    queue cost, read from the server itself.
+    """
+    delta = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in SERVER_SUMS}
+    calls = delta["smchainer_batch_size_count"]
+    units = delta["smchainer_inference_seconds_count"]
+    return {
+        "predict_calls": int(calls),
+        "mean_items": round(delta["smchainer_batch_size_sum"] / calls, 3) if calls else None,
+        "mean_requests": (round(delta["smchainer_batch_requests_sum"] / calls, 3)
+                          if calls else None),
+        "inference_ms": (round(1000 * delta["smchainer_inference_seconds_sum"] / units, 3)
+                         if units else None),
+    }
 
 
 def overhead(cells: list[dict[str, Any]], in_process: dict[str, Any]) -> dict[str, Any]:
@@ -610,6 +661,11 @@ def overhead(cells: list[dict[str, Any]], in_process: dict[str, Any]) -> dict[st
             "codec_ms": round(bare["in_process_request_ms"] - bare["predict_ms"], 3),
             "http_and_server_ms": round(served - bare["in_process_request_ms"], 3),
         }
+        threads = cell.get("inference_threads") or {}
+        if threads.get("inference_ms") is not None:
+            # Read from the server itself: its threads' own time on each request.
+            out[cell["body"]]["in_server_inference_ms"] = threads["inference_ms"]
+            out[cell["body"]]["http_and_queue_ms"] = round(served - threads["inference_ms"], 3)
     return out
 
 
