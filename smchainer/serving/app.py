@@ -179,6 +179,7 @@ class InferenceRunner:
         self._metrics = metrics
         #: requests of this worker on their way to :meth:`submit` (read on a pool thread)
         self._arriving = 0
+        self._local = threading.local()
         #: :func:`time.monotonic` when the running inference began; None when idle.
         self.busy_since: float | None = None
 
@@ -193,6 +194,7 @@ class InferenceRunner:
         future = work.future if isinstance(work, Job) else concurrent.futures.Future()
         if self._metrics is not None:
             self._metrics.queued.inc()
+        self._arrived()  # before the put: the batcher must never wait for this one
         self._queue.put((future, work))
         return future
 
@@ -206,12 +208,19 @@ class InferenceRunner:
 
     @contextlib.contextmanager
     def arriving_request(self) -> Iterator[None]:
-        """Count a request as on its way from its start until it is submitted or fails."""
+        """Count this thread's request as on its way until it is submitted (or fails)."""
         with self._lock:
             self._arriving += 1
+        self._local.arriving = True
         try:
             yield
         finally:
+            self._arrived()
+
+    def _arrived(self) -> None:
+        """This thread's request is no longer on its way (once; nothing if it was not)."""
+        if getattr(self._local, "arriving", False):
+            self._local.arriving = False
             with self._lock:
                 self._arriving -= 1
 

@@ -57,16 +57,19 @@ def endpoint_label(path: str) -> str:
 def use_directory(directory: str | os.PathLike[str]) -> None:
     """Make ``directory`` the multiprocess folder; call before ``prometheus_client`` loads.
 
-    :raises RuntimeError: when ``prometheus_client`` was imported already
+    :raises SmchainerError: when ``prometheus_client`` was imported already
         without it, so its values would stay in one process.
     """
     import sys
 
+    from smchainer.errors import SmchainerError
+
     os.environ[MULTIPROC_ENV] = str(directory)
     values = sys.modules.get("prometheus_client.values")
     if values is not None and "MultiProcess" not in values.ValueClass.__qualname__:
-        raise RuntimeError("prometheus_client was imported before its multiprocess folder "
-                           "was set: the workers' metrics could not be summed")
+        raise SmchainerError("prometheus_client was imported before the server set its "
+                             "multiprocess folder: the workers' metrics could not be summed; "
+                             "start the server in a process of its own")
 
 
 def process_exited(pid: int) -> None:

@@ -9,6 +9,7 @@ a user's opted-in ``predict_fn``, and says so in ``/metrics``.
 from __future__ import annotations
 
 import concurrent.futures
+import queue
 import re
 import threading
 import time
@@ -165,20 +166,41 @@ def test_a_lone_request_never_waits_for_the_batch_delay(tmp_path):
     assert recorder.calls == [(1, 4)]
 
 
+def test_a_request_stops_arriving_before_it_is_queued(tmp_path):
+    recorder = Recorder()
+    app = make_app(tmp_path, recorder, delay_ms=5000)
+    seen = []
+
+    class Watched(queue.SimpleQueue):
+        def put(self, item, block=True, timeout=None):
+            seen.append(app.runner.arriving())  # what the batcher sees once it is queued
+            super().put(item, block, timeout)
+
+    app.runner._queue = Watched()
+    with app.runner.arriving_request():
+        assert app.runner.arriving() == 1
+        future = submit(app, np.ones((1, 4), np.float32))
+    np.testing.assert_array_equal(answer(future), np.full((1, 4), 2.0))
+    assert seen == [0] and app.runner.arriving() == 0
+
+
 def test_a_batch_waits_for_a_request_still_arriving(tmp_path):
     recorder = Recorder()
     app = make_app(tmp_path, recorder, delay_ms=5000)
     second: list = []
+    reading = threading.Event()
 
     def arrive_late():
         with app.runner.arriving_request():  # being read, as on a pool thread
+            reading.set()
             time.sleep(0.3)
             second.append(submit(app, np.full((1, 4), 3.0, np.float32)))
 
+    thread = threading.Thread(target=arrive_late)
+    thread.start()
+    assert reading.wait(10)
     with app.runner.arriving_request():
         first = submit(app, np.full((1, 4), 1.0, np.float32))
-        thread = threading.Thread(target=arrive_late)
-        thread.start()
     thread.join()
     np.testing.assert_array_equal(answer(first), np.full((1, 4), 2.0))
     np.testing.assert_array_equal(answer(second[0]), np.full((1, 4), 6.0))
