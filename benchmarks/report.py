@@ -8,7 +8,8 @@ recognises each kind:
 - ``inference_throughput``, ``serving_load``, ``mpi_scaling``;
 - a GPU device run's folder (``benchmarks/device/run.sh``): its ``env.json``
   names the GPU and its ``train.json`` gives the end-to-end training epoch;
-  ``summary.json`` repeats the others and is skipped.
+  ``summary.json`` repeats the others and is skipped, as are its details
+  (``cudnn.json``, ``kernels.json``, ``example.json``: see ``summary.json``).
 
 The tables replace what is between the ``report:start`` and ``report:end``
 markers of the README (the rest is written by hand); the plots go to
@@ -102,6 +103,12 @@ def read_json(path: Path) -> Any:
         return None
 
 
+#: A device run's files that other files sum up, or that have no table of their own (their
+#: figures are in the run's summary.json): the environment, the stage summary, the cuDNN
+#: probe, the kernel timings and the example script's epochs.
+DEVICE_DETAILS = ("env.json", "summary.json", "cudnn.json", "kernels.json", "example.json")
+
+
 def classify(path: Path, data: Any, folder_env: dict[Path, dict[str, Any]]) -> Record | None:
     """The :class:`Record` for one file, or None when it is not a benchmark result."""
     if not isinstance(data, dict):
@@ -141,7 +148,7 @@ def load_records(results: Path, include_quick: bool = False) -> tuple[list[Recor
                 folder_env[path.parent] = data
     records, skipped = [], {"quick": 0, "unrecognised": [], "unreadable": []}
     for path in files:
-        if path.name in ("env.json", "summary.json"):
+        if path.name in DEVICE_DETAILS:
             continue
         data = read_json(path)
         if data is None:
@@ -212,20 +219,32 @@ def train_rows(records: list[Record]) -> list[list[Any]]:
         batches = sorted({res["batch_size"] for f in by.values() for res in f.get("results", [])
                           if "batch_size" in res})
         model = r.data.get("model", {})
-        precision = "TF32" if r.data.get("tf32") else "FP32"
+        precision = precision_of(r.data)
         ratios = r.data.get("ratio_images_per_s", {})
+
+        def ratio_text(name: str, batch: int, ratios: dict = ratios) -> str:
+            value = (ratios.get(name) or {}).get(str(batch))
+            return fmt(value, 3) if value is not None else "-"
+
         for batch in batches:
-            ratio = (ratios.get("chainer/torch") or {}).get(str(batch))
-            fused_ratio = (ratios.get("smchainer-fused/torch") or {}).get(str(batch))
             rows.append([r.date, r.machine, r.data.get("device"), precision,
                          f"{model.get('name', '?')} x{model.get('width', 1)}", batch,
-                         figure("chainer", batch), figure("smchainer-fused", batch),
-                         figure("torch", batch),
-                         fmt(ratio, 3) if ratio is not None else "-",
-                         fmt(fused_ratio, 3) if fused_ratio is not None else "-",
+                         figure("chainer", batch), figure("chainer-cudnn", batch) or "-",
+                         figure("smchainer-fused", batch), figure("torch", batch),
+                         ratio_text("chainer/torch", batch),
+                         ratio_text("chainer-cudnn/torch", batch),
+                         ratio_text("smchainer-fused/torch", batch),
                          figure("torch-nocudnn", batch), load_text(r), commit_text(r),
                          r.source])
     return rows
+
+
+def precision_of(data: dict[str, Any]) -> str:
+    """A throughput record's precision: its own word (``--amp``: fp16, bf16), else TF32/FP32."""
+    precision = data.get("precision")
+    if isinstance(precision, str) and precision:
+        return precision.upper()
+    return "TF32" if data.get("tf32") else "FP32"
 
 
 def e2e_rows(records: list[Record]) -> list[list[Any]]:
@@ -479,11 +498,14 @@ def render(records: list[Record], skipped: dict, plots: list[str], plot_prefix: 
              + (f"; {skipped['quick']} `--quick` records left out" if skipped["quick"] else "")
              + "._", ""]
     parts += ["### Training throughput (images/s, forward + backward + update)", "",
-              "`Chainer` runs VGG through Chainer's own functions, `fused` through "
-              "smchainer's channels-last kernels (`VGG.fused`, what `smchainer-train` uses).", "",
+              "`Chainer` runs VGG through Chainer's own functions (without cuDNN), "
+              "`Chainer + cuDNN` the same functions on smchainer's cuDNN 9 binding, "
+              "`fused` through smchainer's channels-last kernels (`VGG.fused`, what "
+              "`smchainer-train` uses).", "",
               table(["date", "machine", "device", "precision", "model", "batch", "Chainer",
-                     "fused", "PyTorch", "Chainer / PyTorch", "fused / PyTorch",
-                     "PyTorch no cuDNN", "load", "commit", "record"], train_rows(records))]
+                     "Chainer + cuDNN", "fused", "PyTorch", "Chainer / PyTorch",
+                     "Chainer + cuDNN / PyTorch", "fused / PyTorch", "PyTorch no cuDNN",
+                     "load", "commit", "record"], train_rows(records))]
     parts += ["### End-to-end training epoch (`smchainer-train`, data pipeline included)", "",
               table(["date", "machine", "device", "model", "batch / rank", "ranks",
                      "threads / rank", "train images", "epoch images/s", "bare step images/s",
@@ -608,7 +630,7 @@ def make_plots(records: list[Record], folder: Path) -> list[str]:
     for r in records:
         if r.kind != "vgg_train_throughput":
             continue
-        device = f"{r.data.get('device')} {'TF32' if r.data.get('tf32') else 'FP32'}"
+        device = f"{r.data.get('device')} {precision_of(r.data)}"
         for f in r.data.get("frameworks", []):
             if f["framework"] not in ("chainer", "smchainer-fused"):
                 continue

@@ -31,13 +31,36 @@ Frameworks:
     like-for-like comparison for Chainer without cuDNN.
 
 TF32 follows ``CUPY_TF32`` (read by CuPy at the first float32 GEMM); PyTorch
-is set to match, so both sides run the same precision. ``--profile`` adds a
+is set to match, so both sides run the same precision.
+
+Mixed precision (``--amp``, default ``off``), each side with its own machinery:
+
+``--amp fp16``
+    Chainer: ``chainer.config.dtype = chainer.mixed16`` while the model is
+    built (float16 weights and activations, float32 batch-norm parameters
+    and statistics), ``optimizer.use_fp32_update()`` (float32 master copies
+    of the float16 weights), dynamic loss scaling ``optimizer.loss_scaling()``
+    and the loss computed on float32 logits. PyTorch:
+    ``torch.autocast(device_type, dtype=torch.float16)`` and
+    ``torch.amp.GradScaler``.
+``--amp bf16``
+    PyTorch: ``torch.autocast(device_type, dtype=torch.bfloat16)``, no scaler.
+    Chainer 7.8.1 has no bfloat16 (``mixed16`` is float16; NumPy and CuPy have
+    no bfloat16 dtype): its frameworks are recorded as unsupported, with the
+    reason, and no figure.
+
+``smchainer-fused`` runs float32 only (the GPU kernels of
+:mod:`smchainer.functions.channels_last` take float32 arrays), so under
+``--amp`` it is recorded as unsupported too. Every result row says the
+precision it ran (``fp32``, ``tf32``, ``fp16`` or ``bf16``), and the ratios
+compare figures of one record, so always the same precision on both sides. ``--profile`` adds a
 per-function and per-phase time breakdown of one Chainer step (CUDA events,
 one synchronisation at the end). Writes one JSON record (``--out``, else
 stdout)::
 
     python benchmarks/train_throughput.py --device gpu --out vgg_gpu.json
     python benchmarks/train_throughput.py --device cpu --quick
+    python benchmarks/train_throughput.py --device gpu --amp fp16 --frameworks chainer-cudnn torch
 """
 from __future__ import annotations
 
@@ -63,11 +86,40 @@ N_CLASSES = 10
 FRAMEWORKS = ("chainer", "chainer-cudnn", "smchainer-fused", "torch", "torch-nocudnn")
 CHAINER_FRAMEWORKS = ("chainer", "chainer-cudnn", "smchainer-fused")
 ENV_RECORDED = ("CUPY_TF32", "CHAINER_CUDNN", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+AMP_MODES = ("off", "bf16", "fp16")
+#: How each side runs ``--amp fp16`` / ``bf16`` (recorded in each framework's meta).
+CHAINER_MIXED16 = ("chainer.mixed16: float16 weights and activations, float32 batch-norm "
+                   "parameters; use_fp32_update() master copies; dynamic loss_scaling(); "
+                   "loss on float32 logits")
+UNSUPPORTED = {
+    ("chainer", "bf16"): "Chainer 7.8.1 has no bfloat16 (chainer.mixed16 is float16; NumPy "
+                         "and CuPy have no bfloat16 dtype)",
+    ("smchainer-fused", "fp16"): "the fused kernels (smchainer.functions.channels_last) take "
+                                 "float32 arrays only",
+}
 
 
 def tf32_requested() -> bool:
     """Whether ``CUPY_TF32=1``: TF32 GEMMs for CuPy, and PyTorch set to match."""
     return os.environ.get("CUPY_TF32", "0").strip() == "1"
+
+
+def unsupported_reason(name: str, amp: str) -> str | None:
+    """Why ``name`` cannot run ``--amp amp``, or None when it can."""
+    if amp == "off":
+        return None
+    if name == "smchainer-fused":
+        return UNSUPPORTED[("smchainer-fused", "fp16")]
+    if name in CHAINER_FRAMEWORKS and amp == "bf16":
+        return UNSUPPORTED[("chainer", "bf16")]
+    return None
+
+
+def precision(args: argparse.Namespace) -> str:
+    """What a result row ran: ``fp16`` / ``bf16`` under ``--amp``, else ``tf32`` or ``fp32``."""
+    if args.amp != "off":
+        return args.amp
+    return "tf32" if args.device == "gpu" and tf32_requested() else "fp32"
 
 
 def synthetic_batches(batch_size: int, count: int, seed: int = 0) -> list[tuple[np.ndarray, ...]]:
@@ -107,8 +159,11 @@ def time_steps(step: Callable[[int], Any], clock: _Clock, warmup: int, iters: in
 
 # --- Chainer --------------------------------------------------------------------------------
 
-def make_optimizer(model: Any, fused: bool) -> Any:
-    """MomentumSGD with weight decay: Chainer's hook, or smchainer's update that folds it in."""
+def make_optimizer(model: Any, fused: bool, amp: str = "off") -> Any:
+    """MomentumSGD with weight decay: Chainer's hook, or smchainer's update that folds it in.
+
+    ``amp="fp16"``: float32 master copies of the float16 weights and dynamic loss scaling.
+    """
     import chainer
 
     from smchainer import optimizers
@@ -121,17 +176,30 @@ def make_optimizer(model: Any, fused: bool) -> Any:
     optimizer = chainer.optimizers.MomentumSGD(lr=LEARNING_RATE, momentum=MOMENTUM)
     optimizer.setup(model)
     optimizer.add_hook(chainer.optimizer_hooks.WeightDecay(WEIGHT_DECAY))
+    if amp == "fp16":
+        optimizer.use_fp32_update()
+        optimizer.loss_scaling()  # dynamic: starts at 1, doubles while the gradients are finite
     return optimizer
+
+
+def chainer_loss(model: Any, x: Any, t: Any, amp: str) -> Any:
+    """Softmax cross entropy of the model's logits; in float32 under ``--amp``."""
+    import chainer.functions as F
+
+    y = model(x)
+    if amp != "off":
+        y = F.cast(y, np.float32)
+    return F.softmax_cross_entropy(y, t)
 
 
 def chainer_runner(args: argparse.Namespace, fused: bool = False, cudnn: bool = False) -> dict:
     """Build the Chainer model and optimizer; returns step, clock and metadata.
 
     ``cudnn``: Chainer's cuDNN paths (``use_cudnn='auto'``), else ``'never'``;
-    set for the whole process, so each framework's runs see their own.
+    set for the whole process, so each framework's runs see their own. So is
+    ``chainer.config.dtype``: ``mixed16`` under ``--amp fp16``, else float32.
     """
     import chainer
-    import chainer.functions as F
 
     from smchainer.compat import cudnn as binding
     from smchainer.device import get_device
@@ -143,25 +211,48 @@ def chainer_runner(args: argparse.Namespace, fused: bool = False, cudnn: bool = 
     chainer.config.use_cudnn = "auto" if cudnn else "never"
     chainer.config.train = True
     chainer.config.autotune = False
+    amp = args.amp
+    if amp not in ("off", "fp16"):
+        raise ValueError(f"Chainer runs --amp off or fp16, not {amp}")
+    # Read by the links' initializers: float16 weights, float32 batch-norm parameters.
+    chainer.config.dtype = chainer.mixed16 if amp == "fp16" else np.dtype(np.float32)
     model = VGG(n_classes=N_CLASSES, width=args.width, depth=args.depth)
     model.fused = fused
     model.to_device(device)
-    optimizer = make_optimizer(model, fused)
+    optimizer = make_optimizer(model, fused, amp)
     xp = device.xp
+    input_dtype = np.float16 if amp == "fp16" else np.float32
 
     def prepare(batches):
-        return [(device.send(x), device.send(t)) for x, t in batches]
+        return [(device.send(x.astype(input_dtype, copy=False)), device.send(t))
+                for x, t in batches]
 
     def make_step(batches):
-        def step(i):
-            x, t = batches[i % len(batches)]
-            loss = F.softmax_cross_entropy(model(x), t)
-            model.cleargrads()
-            loss.backward()
-            optimizer.update()
-            return loss
+        if amp == "off":
+            def step(i):
+                x, t = batches[i % len(batches)]
+                loss = chainer_loss(model, x, t, amp)
+                model.cleargrads()
+                loss.backward()
+                optimizer.update()
+                return loss
 
-        return step
+            return step
+
+        def amp_step(i):
+            # Optimizer.update(lossfun): cleargrads, backward with the loss scale, the NaN
+            # check of dynamic scaling (an update is skipped when it fails), new scale.
+            x, t = batches[i % len(batches)]
+            losses = []
+
+            def lossfun():
+                losses.append(chainer_loss(model, x, t, amp))
+                return losses[-1]
+
+            optimizer.update(lossfun)
+            return losses[-1]
+
+        return amp_step
 
     if xp is np:
         def synchronize():
@@ -170,11 +261,22 @@ def chainer_runner(args: argparse.Namespace, fused: bool = False, cudnn: bool = 
         synchronize = xp.cuda.Device().synchronize
     meta: dict[str, Any] = {"parameters": int(count_parameters(model)),
                             "use_cudnn": chainer.config.use_cudnn,
-                            "cudnn": binding.describe() if cudnn else None}
+                            "cudnn": binding.describe() if cudnn else None,
+                            "dtype": str(chainer.config.dtype),
+                            "weight_dtype": str(model.fc1.W.dtype),
+                            "batch_norm_dtype": str(model.bn_fc1.gamma.dtype),
+                            "amp": CHAINER_MIXED16 if amp == "fp16" else None}
     if xp is not np:
         meta["cupy_compute_type_float32"] = _cupy_compute_type(xp)
+
+    def row_extra() -> dict:
+        if amp == "off":
+            return {}
+        return {"loss_scale": float(optimizer._loss_scale)}  # no public getter in Chainer 7
+
     return {"prepare": prepare, "make_step": make_step, "clock": _Clock(synchronize),
-            "loss_value": lambda loss: float(loss.array), "meta": meta, "model": model}
+            "loss_value": lambda loss: float(loss.array), "meta": meta, "model": model,
+            "amp": amp, "row_extra": row_extra}
 
 
 def _cupy_compute_type(cupy: Any) -> str:
@@ -251,17 +353,17 @@ class StepProfile:
 
 
 def profile_chainer(model: Any, update: Callable[[], None], batches: list, clock: _Clock,
-                    steps: int) -> dict:
+                    steps: int, amp: str = "off",
+                    loss_scale: Callable[[], Any] = lambda: None) -> dict:
     """Per-phase (synchronised) and per-function (CUDA events) times of Chainer steps."""
-    import chainer.functions as F
 
     def forward(i: int) -> Any:
         x, t = batches[i % len(batches)]
-        return F.softmax_cross_entropy(model(x), t)
+        return chainer_loss(model, x, t, amp)
 
     def backward(loss: Any) -> None:
         model.cleargrads()
-        loss.backward()
+        loss.backward(loss_scale=loss_scale())
 
     backward(forward(0))
     update()  # warm
@@ -340,7 +442,11 @@ def torch_vgg(torch: Any, depth: int, width: float) -> Any:
 
 
 def torch_runner(args: argparse.Namespace, cudnn: bool) -> dict:
-    """Build the PyTorch model and optimizer; returns step, clock and metadata."""
+    """Build the PyTorch model and optimizer; returns step, clock and metadata.
+
+    ``--amp``: the step under ``torch.autocast`` (float16 with a ``GradScaler``,
+    bfloat16 without); ``off`` runs the plain float32 step.
+    """
     import torch
 
     torch.manual_seed(0)
@@ -356,21 +462,42 @@ def torch_runner(args: argparse.Namespace, cudnn: bool) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=MOMENTUM,
                                 weight_decay=WEIGHT_DECAY)
     loss_fn = torch.nn.CrossEntropyLoss()
+    amp = args.amp
+    device_type = "cuda" if on_gpu else "cpu"
+    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
+    scaler = torch.amp.GradScaler(device_type) if amp == "fp16" else None
 
     def prepare(batches):
         return [(torch.from_numpy(x).to(device), torch.from_numpy(t).long().to(device))
                 for x, t in batches]
 
     def make_step(batches):
-        def step(i):
+        if amp == "off":
+            def step(i):
+                x, t = batches[i % len(batches)]
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), t)
+                loss.backward()
+                optimizer.step()
+                return loss
+
+            return step
+
+        def amp_step(i):
             x, t = batches[i % len(batches)]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), t)
-            loss.backward()
-            optimizer.step()
+            with torch.autocast(device_type, dtype=autocast_dtype):
+                loss = loss_fn(model(x), t)  # autocast computes cross entropy in float32
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skipped when a gradient is not finite
+                scaler.update()
             return loss
 
-        return step
+        return amp_step
 
     synchronize = torch.cuda.synchronize if on_gpu else (lambda: None)
     meta = {
@@ -380,9 +507,17 @@ def torch_runner(args: argparse.Namespace, cudnn: bool) -> dict:
         "allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
         "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "threads": torch.get_num_threads(),
+        "amp": (None if amp == "off" else
+                f"torch.autocast({device_type!r}, dtype={autocast_dtype})"
+                + (" + torch.amp.GradScaler" if scaler is not None else "")),
     }
+
+    def row_extra() -> dict:
+        return {"loss_scale": float(scaler.get_scale())} if scaler is not None else {}
+
     return {"prepare": prepare, "make_step": make_step, "clock": _Clock(synchronize),
-            "loss_value": lambda loss: float(loss.item()), "meta": meta}
+            "loss_value": lambda loss: float(loss.detach().float().item()), "meta": meta,
+            "amp": amp, "row_extra": row_extra}
 
 
 def torch_info() -> dict:
@@ -402,6 +537,12 @@ def torch_info() -> dict:
 
 def run_framework(name: str, args: argparse.Namespace) -> dict:
     """All batch sizes for one framework; errors are recorded, not raised."""
+    ran = precision(args)
+    reason = unsupported_reason(name, args.amp)
+    if reason is not None:
+        print(f"{name:14s} --amp {args.amp}: not supported ({reason})", file=sys.stderr,
+              flush=True)
+        return {"framework": name, "precision": ran, "unsupported": reason, "results": []}
     try:
         if name in CHAINER_FRAMEWORKS:
             runner = chainer_runner(args, fused=(name == "smchainer-fused"),
@@ -409,7 +550,8 @@ def run_framework(name: str, args: argparse.Namespace) -> dict:
         else:
             runner = torch_runner(args, cudnn=(name == "torch"))
     except Exception as exc:
-        failed = {"framework": name, "error": f"{type(exc).__name__}: {exc}", "results": []}
+        failed = {"framework": name, "precision": ran, "error": f"{type(exc).__name__}: {exc}",
+                  "results": []}
         if isinstance(exc, ImportError):  # torch is the optional `bench` extra
             failed["skipped"] = "not installed (pip install -e '.[bench]')"
         return failed
@@ -420,18 +562,21 @@ def run_framework(name: str, args: argparse.Namespace) -> dict:
             timing = time_steps(runner["make_step"](batches), runner["clock"],
                                 args.warmup, args.iters)
         except Exception as exc:  # out of memory at a large batch, say: keep the others
-            results.append({"batch_size": batch_size, "error": f"{type(exc).__name__}: {exc}"})
+            results.append({"batch_size": batch_size, "precision": ran,
+                            "error": f"{type(exc).__name__}: {exc}"})
             continue
         seconds = timing["seconds"]
         results.append({
             "batch_size": batch_size,
+            "precision": ran,
             "images_per_s": round(batch_size * args.iters / seconds, 2),
             "ms_per_step": round(seconds / args.iters * 1000, 3),
             "last_loss": runner["loss_value"](timing["last_loss"]),
+            **runner["row_extra"](),
         })
         print(f"{name:14s} batch {batch_size:4d}: {results[-1]['images_per_s']:10.1f} images/s"
               f"  ({results[-1]['ms_per_step']:.2f} ms/step)", file=sys.stderr, flush=True)
-    record = {"framework": name, "meta": runner["meta"], "results": results}
+    record = {"framework": name, "precision": ran, "meta": runner["meta"], "results": results}
     if name in CHAINER_FRAMEWORKS and args.profile:
         record["profile"] = _profile(runner, args)
     return record
@@ -439,12 +584,13 @@ def run_framework(name: str, args: argparse.Namespace) -> dict:
 
 def _profile(runner: dict, args: argparse.Namespace) -> dict:
     model = runner["model"]
-    optimizer = make_optimizer(model, fused=model.fused)
+    optimizer = make_optimizer(model, fused=model.fused, amp=runner["amp"])
     batch_size = args.batch_sizes[0]
     batches = runner["prepare"](synthetic_batches(batch_size, args.distinct_batches, seed=1))
     try:
         breakdown = profile_chainer(model, optimizer.update, batches, runner["clock"],
-                                    args.profile_steps)
+                                    args.profile_steps, amp=runner["amp"],
+                                    loss_scale=lambda: optimizer._loss_scale)
         return {"batch_size": batch_size, **breakdown}
     except Exception as exc:
         return {"batch_size": batch_size, "error": f"{type(exc).__name__}: {exc}"}
@@ -489,6 +635,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--distinct-batches", type=int, default=4,
                         help="batches cycled through, so no step reuses the last one's input")
+    parser.add_argument("--amp", choices=AMP_MODES, default="off",
+                        help="mixed precision: fp16 (Chainer mixed16 + loss scaling, torch "
+                             "autocast + GradScaler) or bf16 (torch autocast only; Chainer "
+                             "has none); default off")
     parser.add_argument("--profile", action="store_true",
                         help="add a per-phase and per-function breakdown of Chainer's step")
     parser.add_argument("--profile-steps", type=int, default=5)
@@ -516,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "vgg_train_throughput",
         "step": "forward+backward+MomentumSGD(lr=0.05, momentum=0.9)+WeightDecay(5e-4)",
         "device": args.device,
+        "amp": args.amp,
+        "precision": precision(args),
         "model": {"name": f"VGG-{args.depth}", "depth": args.depth, "width": args.width},
         "tf32": tf32_requested(),
         "warmup_steps": args.warmup,

@@ -16,20 +16,30 @@
 #               chainer-cudnn), smchainer's fused kernels, PyTorch eager with and without
 #               cuDNN; TF32 on at batch 64/128/256/512 (BENCH_BATCHES) with a
 #               profile, then fused vs PyTorch with TF32 off    -> bench-tf32.json, bench-fp32.json
+#   4a amp      the same benchmark under mixed precision (AMP_MODES, default "fp16 bf16"):
+#               Chainer's mixed16 + loss scaling and torch autocast + GradScaler for fp16,
+#               torch autocast for bf16 (Chainer has none: recorded as unsupported), at batch
+#               128/256 (AMP_BATCHES), each capped at AMP_SECONDS (90)   -> bench-amp-*.json
 #   4b kernels  GPU time of every kernel and GEMM of a fused VGG-16 step at batch 256, layer
 #               by layer (CUDA events, no Python in the figure)            -> kernels.json
+#   4c example  examples/cifar10/train.py (the AWS example, unchanged) through smchainer-train
+#               for EXAMPLE_EPOCHS (2) on the carried CIFAR-10, its epoch times from its
+#               LogReport, then the same epochs in PyTorch eager (benchmarks/device/
+#               example_epoch.py), capped at EXAMPLE_SECONDS (120)          -> example.json
 #   5 train     smchainer-train on CIFAR-10 under a time cap, fused kernels unless their GPU
 #               tests failed (TRAIN_KERNELS overrides)         -> train.json
-#   summary.json, run.log                                              (8 files in $OUT)
+#   summary.json, run.log                                             (12 files in $OUT)
 #
 # Knobs (environment): DEADLINE (seconds for the whole script, default 420: the training
 # stage gets what is left of it, at most TRAIN_SECONDS), TEST_SECONDS BENCH_SECONDS
 # TRAIN_SECONDS EPOCHS (else chosen to fit, at most MAX_EPOCHS, 40) TRAIN_BATCH TRAIN_LR
 # TRAIN_SCHEDULE TRAIN_KERNELS, TRAIN_EXTRA_HP ("key=value ..." added as --hp),
-# BENCH_BATCHES (default "64 128 256 512"), CUDNN_SECONDS, MPI_BENCH=1 (adds stage mpi: benchmarks/mpi_scaling.py --device gpu, the
+# BENCH_BATCHES (default "64 128 256 512"), CUDNN_SECONDS, AMP_MODES AMP_BATCHES
+# AMP_FRAMEWORKS AMP_SECONDS, EXAMPLE_SECONDS EXAMPLE_EPOCHS (the amp and example stages
+# are also cut to what is left before DEADLINE), MPI_BENCH=1 (adds stage mpi: benchmarks/mpi_scaling.py --device gpu, the
 # end-to-end epoch and NCCL vs no communicator on one rank, capped at MPI_SECONDS, default
 # 150, before train; writes mpi_scaling-*.json), PYTHON (default python3), SKIP (stage names to skip:
-# size install env cudnn tests bench kernels train).
+# size install env cudnn tests bench amp kernels example train).
 set -u -o pipefail
 
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
@@ -51,6 +61,8 @@ DEADLINE=${DEADLINE:-420}
 TEST_SECONDS=${TEST_SECONDS:-180}
 BENCH_SECONDS=${BENCH_SECONDS:-150}
 TRAIN_SECONDS=${TRAIN_SECONDS:-240}
+AMP_SECONDS=${AMP_SECONDS:-90}
+EXAMPLE_SECONDS=${EXAMPLE_SECONDS:-120}
 SKIP=${SKIP:-}
 STAGES=/tmp/smchainer-stages
 : > "$STAGES"
@@ -58,6 +70,11 @@ START=$(date +%s)
 
 stamp() { echo "=== [$(( $(date +%s) - START ))s] $*"; }
 skipped() { case " $SKIP " in *" $1 "*) echo "skipped $1"; echo "$1 skipped 0" >> "$STAGES"; return 0;; esac; return 1; }
+# capped SECONDS: SECONDS, or what is left before DEADLINE (less 15 s) when that is less
+capped() {
+  local left=$(( DEADLINE - ($(date +%s) - START) - 15 ))
+  if [ "$left" -lt "$1" ]; then echo "$left"; else echo "$1"; fi
+}
 # record NAME COMMAND...: run one stage, log its status and time, never stop the script
 record() {
   local name=$1; shift
@@ -143,14 +160,16 @@ gpu_tests() {
 }
 
 # --- 4: bench ---------------------------------------------------------------------------------
+# bench TF32 NAME SECONDS ARGS...: train_throughput.py under a time cap
 bench() {
-  local tf32=$1 name=$2 rc dmon=""; shift 2
+  local tf32=$1 name=$2 seconds=$3 rc dmon=""; shift 3
+  [ "$seconds" -ge 20 ] || { echo "only ${seconds}s left before the deadline"; return 1; }
   # GPU utilisation once a second while it runs: low "sm" means the step is host-bound.
   if command -v nvidia-smi > /dev/null; then
     nvidia-smi dmon -s u -d 1 > "/tmp/dmon-$name.txt" 2>&1 &
     dmon=$!
   fi
-  CUPY_TF32=$tf32 timeout -k 10 "$BENCH_SECONDS" \
+  CUPY_TF32=$tf32 timeout -k 10 "$seconds" \
     $PY benchmarks/train_throughput.py --device gpu --batch-sizes 64 128 \
       --out "$OUT/$name" "$@"  # a later --batch-sizes wins
   rc=$?
@@ -159,6 +178,17 @@ bench() {
     echo "--- nvidia-smi dmon during $name"; cat "/tmp/dmon-$name.txt"
   fi
   return $rc
+}
+
+# --- 4c: example ------------------------------------------------------------------------------
+# The AWS example script, unchanged, through smchainer-train; then the same epochs in PyTorch.
+example() {
+  local seconds
+  seconds=$(capped "$EXAMPLE_SECONDS")
+  [ "$seconds" -ge 45 ] || { echo "only ${seconds}s left before the deadline"; return 1; }
+  timeout -k 10 "$seconds" $PY benchmarks/device/example_epoch.py --device gpu \
+    --cifar10 .carry/cifar10 --cache-dir /tmp/smchainer-cache --epochs "${EXAMPLE_EPOCHS:-2}" \
+    --seconds $(( seconds - 10 )) --out "$OUT/example.json"
 }
 
 # --- 5: train ---------------------------------------------------------------------------------
@@ -251,16 +281,24 @@ skipped env || record env environment
 skipped cudnn || record cudnn env CUPY_TF32=0 timeout -k 5 "${CUDNN_SECONDS:-60}" \
   $PY benchmarks/device/cudnn_probe.py --out "$OUT/cudnn.json"
 skipped tests || record tests gpu_tests
-skipped bench || record bench-tf32 bench 1 bench-tf32.json --profile \
+skipped bench || record bench-tf32 bench 1 bench-tf32.json "$BENCH_SECONDS" --profile \
   --batch-sizes ${BENCH_BATCHES:-64 128 256 512}
-skipped bench || record bench-fp32 bench 0 bench-fp32.json --frameworks smchainer-fused torch \
-  --batch-sizes 128 256
+skipped bench || record bench-fp32 bench 0 bench-fp32.json "$BENCH_SECONDS" \
+  --frameworks smchainer-fused torch --batch-sizes 128 256
+if ! skipped amp; then
+  for mode in ${AMP_MODES:-fp16 bf16}; do
+    record "bench-amp-$mode" bench 1 "bench-amp-$mode.json" "$(capped "$AMP_SECONDS")" \
+      --amp "$mode" --frameworks ${AMP_FRAMEWORKS:-chainer chainer-cudnn smchainer-fused torch} \
+      --batch-sizes ${AMP_BATCHES:-128 256}
+  done
+fi
 skipped kernels || record kernels env CUPY_TF32=1 timeout -k 10 "${KERNEL_SECONDS:-60}" \
   $PY benchmarks/device/kernels.py --batch-size 256 --out "$OUT/kernels.json"
 if [ "${MPI_BENCH:-0}" = 1 ]; then
   skipped mpi || record mpi timeout -k 10 "${MPI_SECONDS:-150}" $PY benchmarks/mpi_scaling.py \
     --device gpu --cifar10 .carry/cifar10 --output-dir "$OUT"
 fi
+skipped example || record example example
 skipped train || record train train
 stamp "done"
 $PY benchmarks/device/summarize.py "$OUT" "$STAGES" || true

@@ -2,8 +2,9 @@
 
 Usage: ``python summarize.py OUT STAGES`` where STAGES holds one line per
 stage, ``name exit_code seconds``. Reads env.json, cudnn.json, pytest-gpu.xml,
-bench-tf32.json, bench-fp32.json and train.json when they are there; a
-missing or broken file is reported in the summary, never an exception.
+bench-tf32.json, bench-fp32.json, bench-amp-*.json, kernels.json,
+example.json and train.json when they are there; a missing or broken file is
+reported in the summary, never an exception.
 """
 from __future__ import annotations
 
@@ -64,9 +65,17 @@ def bench_summary(record: Any) -> Any:
     """images/s per framework and batch size, the ratios and the top of the profile."""
     if not isinstance(record, dict) or "frameworks" not in record:
         return record
-    out: dict[str, Any] = {"tf32": record.get("tf32"), "ratio": record.get("ratio_images_per_s")}
+    out: dict[str, Any] = {"tf32": record.get("tf32"), "amp": record.get("amp", "off"),
+                           "ratio": record.get("ratio_images_per_s")}
+    precisions = {f["framework"]: f["precision"] for f in record["frameworks"]
+                  if "precision" in f}
+    if precisions:
+        out["precision"] = precisions
     for framework in record["frameworks"]:
         name = framework["framework"]
+        if "unsupported" in framework:
+            out[name] = {"unsupported": framework["unsupported"]}
+            continue
         if "error" in framework:
             out[name] = {"error": framework["error"]}
             continue
@@ -80,6 +89,60 @@ def bench_summary(record: Any) -> Any:
                 "phase_ms_per_step": profile.get("phase_ms_per_step"),
                 "top_functions_ms": {k: v["ms_per_step"] for k, v in top},
             }
+    return out
+
+
+def images_per_s(record: Any) -> dict[str, dict[str, float]]:
+    """``{framework: {batch: images/s}}`` of one train_throughput record (figures only)."""
+    if not isinstance(record, dict):
+        return {}
+    return {f["framework"]: {str(r["batch_size"]): r["images_per_s"]
+                             for r in f.get("results", []) if "images_per_s" in r}
+            for f in record.get("frameworks", []) if isinstance(f, dict)}
+
+
+def amp_summary(out: Path) -> dict[str, Any]:
+    """Each bench-amp-MODE.json, with its speed-up over bench-tf32.json at the same batch."""
+    base = images_per_s(read_json(out / "bench-tf32.json"))
+    summary: dict[str, Any] = {}
+    for path in sorted(out.glob("bench-amp-*.json")):
+        mode = path.stem[len("bench-amp-"):]
+        record = read_json(path)
+        summary[mode] = bench_summary(record)
+        speedup = {}
+        for name, figures in images_per_s(record).items():
+            pairs = {bs: round(ips / base[name][bs], 3) for bs, ips in figures.items()
+                     if base.get(name, {}).get(bs)}
+            if pairs:
+                speedup[name] = pairs
+        if isinstance(summary[mode], dict):
+            summary[mode]["speedup_over_tf32"] = speedup
+    return summary
+
+
+def example_summary(record: Any) -> Any:
+    """The example's epoch times beside PyTorch eager's for the same epochs."""
+    if not isinstance(record, dict) or "benchmark" not in record:
+        return record
+    example = record.get("example") or {}
+    torch = record.get("torch") or {}
+    data = record.get("data") or {}
+    out: dict[str, Any] = {
+        "stand_in": record.get("stand_in"), "error": record.get("error"),
+        "train_images": data.get("train_images"), "test_images": data.get("test_images"),
+        "prepare_seconds": data.get("prepare_seconds"),
+        "hyperparameters": example.get("hyperparameters"),
+        "example": {k: example.get(k) for k in (
+            "exit_code", "timed_out", "device", "wall_seconds", "epoch_seconds",
+            "steady_epoch_seconds", "images_per_s", "validation_accuracy_by_epoch", "error")},
+        "torch": {k: torch.get(k) for k in (
+            "method", "device", "batch_size", "epoch_seconds", "steady_epoch_seconds",
+            "images_per_s", "test_accuracy_by_epoch", "timed_out", "error")},
+        "ratio_epoch_seconds_example_over_torch":
+            record.get("ratio_epoch_seconds_example_over_torch"),
+    }
+    if example.get("exit_code") not in (0, None) or example.get("timed_out"):
+        out["example"]["output_tail"] = (example.get("output_tail") or "")[-800:]
     return out
 
 
@@ -131,7 +194,9 @@ def summarize(out: Path, stages_file: Path) -> dict[str, Any]:
         "tests": read_junit(out / "pytest-gpu.xml"),
         "bench_tf32": bench_summary(read_json(out / "bench-tf32.json")),
         "bench_fp32": bench_summary(read_json(out / "bench-fp32.json")),
+        "bench_amp": amp_summary(out),
         "kernels": kernels_summary(read_json(out / "kernels.json")),
+        "example": example_summary(read_json(out / "example.json")),
         "train": train_summary(read_json(out / "train.json")),
     }
 
