@@ -159,3 +159,12 @@ def pointer(array: Any) -> int | None:
 def nbytes(buffer: Any) -> int:
     """Size in bytes of a workspace from :meth:`Runtime.alloc` (0 for none)."""
     return 0 if buffer is None else int(buffer.size)
+
+
+def is_tensor_core_available(dtype: Any) -> bool:
+    """CuPy's rule: float16 on a compute capability 7.0 GPU (V100).
+
+    Elsewhere cuDNN 9's default math type uses tensor cores for float16 by itself.
+    """
+    return (libcudnn.getVersion() >= 7000 and numpy.dtype(dtype).char == "e"
+            and int(runtime().compute_capability()) == 70)

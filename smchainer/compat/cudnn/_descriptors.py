@@ -8,6 +8,7 @@ are accepted where cuDNN's layout is implied.
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,10 +20,13 @@ from smchainer.compat.cudnn.constants import (
     CUDNN_DATA_DOUBLE,
     CUDNN_DATA_FLOAT,
     CUDNN_DATA_HALF,
+    CUDNN_DEFAULT_MATH,
+    CUDNN_FMA_MATH,
     CUDNN_NOT_PROPAGATE_NAN,
     CUDNN_PROPAGATE_NAN,
     CUDNN_TENSOR_NCHW,
     CUDNN_TENSOR_NHWC,
+    CUDNN_TENSOR_OP_MATH,
 )
 
 _thread_local = threading.local()
@@ -181,10 +185,9 @@ def create_convolution_descriptor(pad: Sequence[int], stride: Sequence[int], dty
                                   math_type: int | None = None) -> Descriptor:
     """A convolution descriptor (cross-correlation by default), compute type float for half.
 
-    ``math_type`` defaults to what :func:`smchainer.compat.cudnn.convolution.math_type`
+    ``math_type`` defaults to what :func:`choose_math`
     chooses for ``dtype`` (TF32 only when ``CUPY_TF32=1``).
     """
-    from smchainer.compat.cudnn.convolution import math_type as choose_math
 
     if len(pad) != len(stride):
         raise ValueError("pad and stride must be of same length")
@@ -239,3 +242,17 @@ class Scope(contextlib.AbstractContextManager):
     def __exit__(self, *exc: object) -> None:
         while self._held:
             self._held.pop().destroy()
+
+
+def tf32_enabled() -> bool:
+    """``CUPY_TF32=1``: float32 convolutions may use TF32 tensor cores."""
+    return os.environ.get("CUPY_TF32", "0") == "1"
+
+
+def choose_math(dtype: Any, use_tensor_core: bool) -> int:
+    """The descriptor's math type before an algorithm is chosen."""
+    if use_tensor_core:
+        return CUDNN_TENSOR_OP_MATH
+    if numpy.dtype(dtype).char == "f" and not tf32_enabled():
+        return CUDNN_FMA_MATH
+    return CUDNN_DEFAULT_MATH

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import numpy
 
 from smchainer.compat.cudnn import _context, libcudnn
+from smchainer.compat.cudnn._context import is_tensor_core_available
 from smchainer.compat.cudnn._descriptors import (
     Descriptor,
     Scope,
@@ -34,15 +34,14 @@ from smchainer.compat.cudnn._descriptors import (
     create_filter_descriptor,
     new_tensor,
     set_tensor_shape,
+    tf32_enabled,
 )
 from smchainer.compat.cudnn.constants import (
     CUDNN_CROSS_CORRELATION,
-    CUDNN_DEFAULT_MATH,
     CUDNN_DETERMINISTIC,
     CUDNN_FMA_MATH,
     CUDNN_STATUS_SUCCESS,
     CUDNN_TENSOR_NCHW,
-    CUDNN_TENSOR_OP_MATH,
 )
 
 logger = logging.getLogger(__name__)
@@ -89,20 +88,6 @@ BACKWARD_FILTER = _Operation("ConvolutionBackwardFilter")
 
 _heuristic_cache: dict[tuple, Algorithm] = {}
 _tuned_cache: dict[tuple, Algorithm] = {}
-
-
-def tf32_enabled() -> bool:
-    """``CUPY_TF32=1``: float32 convolutions may use TF32 tensor cores."""
-    return os.environ.get("CUPY_TF32", "0") == "1"
-
-
-def math_type(dtype: Any, use_tensor_core: bool) -> int:
-    """The descriptor's math type before an algorithm is chosen."""
-    if use_tensor_core:
-        return CUDNN_TENSOR_OP_MATH
-    if numpy.dtype(dtype).char == "f" and not tf32_enabled():
-        return CUDNN_FMA_MATH
-    return CUDNN_DEFAULT_MATH
 
 
 def clear_caches() -> None:
@@ -165,8 +150,6 @@ def _ref(value: Any) -> Any:
 
 
 def _should_use_tensor_core(tensor_core: str, dtype: Any) -> bool:
-    from smchainer.compat.cudnn.highlevel import is_tensor_core_available
-
     if tensor_core in ("auto", "always"):
         return is_tensor_core_available(dtype)
     if tensor_core == "never":

@@ -13,12 +13,11 @@ from __future__ import annotations
 import atexit
 from typing import Any
 
-import numpy
-
-from smchainer.compat.cudnn import _context, libcudnn
+from smchainer.compat.cudnn import libcudnn
 from smchainer.compat.cudnn._context import (
     get_handle,
     get_max_workspace_size,
+    is_tensor_core_available,
     reset_handles,
     set_max_workspace_size,
 )
@@ -72,15 +71,6 @@ BINDING = "smchainer ctypes binding"
 getVersion = libcudnn.getVersion
 
 atexit.register(reset_handles)
-
-
-def is_tensor_core_available(dtype: Any) -> bool:
-    """CuPy's rule: float16 on a compute capability 7.0 GPU (V100).
-
-    Elsewhere cuDNN 9's default math type uses tensor cores for float16 by itself.
-    """
-    return (libcudnn.getVersion() >= 7000 and numpy.dtype(dtype).char == "e"
-            and int(_context.runtime().compute_capability()) == 70)
 
 
 class _NotBound:
