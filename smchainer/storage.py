@@ -50,12 +50,13 @@ def storage_error(error: Exception, uri: str, bucket: str) -> StorageError:
     """A boto3 error as a :class:`StorageError` that names the bucket or URI."""
     # upload_file wraps the ClientError (NoSuchBucket...) in an S3UploadFailedError.
     cause = error.__cause__ or error.__context__
-    if not hasattr(error, "response") and hasattr(cause, "response"):
-        error = cause
-    code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+    source: BaseException = error
+    if not hasattr(error, "response") and cause is not None and hasattr(cause, "response"):
+        source = cause
+    code = getattr(source, "response", {}).get("Error", {}).get("Code", "")
     if code == "NoSuchBucket":
         return StorageError(f"{uri}: bucket {bucket!r} does not exist")
-    return StorageError(f"{uri}: {code or error}")
+    return StorageError(f"{uri}: {code or source}")
 
 
 def download(uri: str, destination: str | os.PathLike[str], *,

@@ -88,6 +88,8 @@ class TrainingJob:
         self.failure_reason: str | None = None
         self.job_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = job_dir / LOG_FILE
+        #: the running ``smchainer-train``; None for a job attached after it finished
+        self.process: subprocess.Popen[bytes] | None
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, env=env,
@@ -127,7 +129,8 @@ class TrainingJob:
             log.seek(self._printed)
             chunk = log.read()
         # Only whole lines, so that a line being written is not cut in two.
-        end = chunk.rfind(b"\n") + 1 if self.process.poll() is None else len(chunk)
+        running = self.process is not None and self.process.poll() is None
+        end = chunk.rfind(b"\n") + 1 if running else len(chunk)
         if end:
             stream.write(chunk[:end].decode(errors="replace"))
             stream.flush()
@@ -157,7 +160,7 @@ class TrainingJob:
 
     def _finish(self) -> None:
         """Settle the status of a job whose process ended."""
-        if self.status != "InProgress":
+        if self.status != "InProgress" or self.process is None:
             return
         code = self.process.returncode
         completed = code == 0 and (self.job_dir / "output" / "success").exists()
@@ -212,7 +215,8 @@ class TrainingJob:
 
     def describe(self) -> dict[str, Any]:
         """A ``DescribeTrainingJob``-like summary."""
-        if self.status == "InProgress" and self.process.poll() is not None:
+        if (self.status == "InProgress" and self.process is not None
+                and self.process.poll() is not None):
             self._finish()
         summary: dict[str, Any] = {
             "TrainingJobName": self.name,

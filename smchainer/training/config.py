@@ -139,8 +139,9 @@ class JobSpec:
     def from_record(cls, record: dict[str, Any]) -> JobSpec:
         """The job :meth:`to_record` described (unknown keys are an error)."""
         paths = {"entry_point", "source_dir", "job_dir", "checkpoint_dir", "hostfile"}
-        values = {name: Path(value) if name in paths and value is not None else value
-                  for name, value in record.items()}
+        values: dict[str, Any] = {
+            name: Path(value) if name in paths and value is not None else value
+            for name, value in record.items()}
         return cls(**values)
 
     def command(self, *, launch: bool = False) -> list[str]:

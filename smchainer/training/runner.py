@@ -512,7 +512,8 @@ def run_job(spec: JobSpec, world: World, log_level: int = logging.INFO) -> int:
             run_hook(env)
         world.barrier()
         if sync is not None:
-            sync, finishing = None, sync
+            finishing = sync
+            sync = None
             finishing.stop()  # every checkpoint is in the bucket before success is said
         world.barrier()
         if world.rank == 0:
