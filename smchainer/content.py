@@ -8,6 +8,7 @@ The one place that knows what ``application/x-npy``, ``application/json`` and
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 from collections.abc import Iterable, Sequence
@@ -138,6 +139,22 @@ def acceptable_types(header: str | None, default: str,
     """
     if not header or not header.strip():
         return [default]
+    if len(header) <= _CACHED_HEADER_LENGTH:  # clients send the same few headers over and over
+        return list(_cached_acceptable_types(header, default, tuple(supported)))
+    return _acceptable_types(header, default, supported)
+
+
+#: Accept headers up to this long have their answer kept (a few hundred of them at most).
+_CACHED_HEADER_LENGTH = 256
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_acceptable_types(header: str, default: str,
+                             supported: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_acceptable_types(header, default, supported))
+
+
+def _acceptable_types(header: str, default: str, supported: Sequence[str]) -> list[str]:
     ranges = accept_ranges(header)
     if not ranges:
         return [default]
