@@ -6,7 +6,9 @@ Each worker holds one model, loaded by ``model_fn`` in a background thread
 when the worker starts (:meth:`InferenceApp.start`), so ``/ping`` answers 503
 at once while loading and 200 after. Inferences run one at a time per worker
 on a dedicated thread (user models need not be thread-safe) while the
-server's other threads keep answering ``/ping`` and ``/metrics``.
+server's other threads keep answering ``/ping`` and ``/metrics``; with dynamic
+batching that thread merges queued requests into one ``predict_fn`` call
+(:mod:`smchainer.serving.batching`).
 
 Every error becomes a JSON body ``{"error": ..., "status": N}``; the status
 comes from :func:`smchainer.errors.http_status_of` alone. Tracebacks reach a
@@ -226,10 +228,6 @@ class InferenceRunner:
 
     def arriving(self) -> int:
         return self._arriving
-
-    def queued(self) -> int:
-        """Requests waiting for the inference thread."""
-        return self._queue.qsize() + len(self._pending)
 
     def take(self, timeout: float) -> tuple[concurrent.futures.Future[Any], Any] | None:
         """The next queued work, waiting up to ``timeout`` seconds (0: only what is there)."""

@@ -105,7 +105,8 @@ class Batcher:
     :param max_delay: seconds to wait for requests still arriving, counted
         from when the first request of the batch was taken.
     :param observe: called with the items and the requests of every
-        ``predict_fn`` call (the batch-size metrics).
+        ``predict_fn`` call of a batchable request, merged or alone (the
+        batch-size metrics); a request ``batch_fn`` declined is not counted.
     """
 
     def __init__(self, hooks: Hooks, max_items: int, max_delay: float,
@@ -151,7 +152,8 @@ class Batcher:
         except BaseException as error:
             job.future.set_exception(error)
             return
-        self.observe(max(job.items, 1), 1)
+        if job.batch is not None:  # batch_fn said how many items it holds
+            self.observe(job.items, 1)
         self.finish(job, prediction)
 
     # -- a batch ------------------------------------------------------------------

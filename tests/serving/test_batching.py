@@ -132,6 +132,20 @@ def test_requests_of_other_shapes_are_not_merged(tmp_path):
     assert recorder.calls[1:] == [(1, 4), (2, 5), (2, 4)]
 
 
+def test_a_request_batch_fn_declines_runs_alone_and_is_not_counted(tmp_path):
+    recorder = Recorder()
+    recorder.module.batch_fn = lambda data, model: None if data.shape[1] == 5 else data
+    app = make_app(tmp_path, recorder)
+    arrays = [np.ones((1, 4), np.float32), np.ones((3, 5), np.float32),
+              np.ones((1, 4), np.float32)]
+    futures = held_then_queued(app, recorder, arrays)
+    for array, future in zip(arrays, futures, strict=True):
+        np.testing.assert_array_equal(answer(future), array * 2)
+    assert recorder.calls[1:] == [(1, 4), (3, 5), (1, 4)]
+    text = app.metrics.render()  # the first and the two width-4 calls; not the declined one
+    assert "smchainer_batch_size_count 3.0" in text and "smchainer_batch_size_sum 3.0" in text
+
+
 def test_a_bad_request_fails_alone_and_the_others_still_merge(tmp_path):
     recorder = Recorder()
     app = make_app(tmp_path, recorder)
