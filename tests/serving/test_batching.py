@@ -18,6 +18,8 @@ from http.client import HTTPConnection
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from smchainer import content
 from smchainer.errors import BadRequest
@@ -36,6 +38,7 @@ class Recorder:
 
     def __init__(self, opt_in: bool = True) -> None:
         self.calls: list[tuple[int, ...]] = []
+        self.inputs: list[np.ndarray] = []
         self.hold = threading.Event()
         self.held = threading.Event()
         self.hold.set()
@@ -52,10 +55,12 @@ class Recorder:
 
     def predict_fn(self, input_data, model):
         self.calls.append(input_data.shape)
+        self.inputs.append(np.array(input_data))
         self.held.set()
         self.hold.wait(10)
-        if len(input_data) > 1 and np.any(input_data == POISON):
-            raise ValueError("a poisoned batch")  # alone, the same row is fine
+        requests = set(np.abs(input_data[input_data != POISON]).tolist())
+        if np.any(input_data == POISON) and len(requests) > 1:
+            raise ValueError("a poisoned batch")  # alone (one request's rows), it is fine
         return input_data * 2
 
 
@@ -234,6 +239,42 @@ def test_requests_whose_caller_gave_up_are_dropped_before_decoding(tmp_path):
     answer(first)
     np.testing.assert_array_equal(answer(kept), np.full((1, 4), 14.0))
     assert recorder.calls == [(1, 4), (1, 4)]
+
+
+REQUEST = st.tuples(st.integers(1, 4), st.sampled_from([3, 4]),
+                    st.sampled_from(["good", "good", "negative", "poison"]))
+
+
+@settings(max_examples=40, derandomize=True, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(REQUEST, min_size=1, max_size=12), st.integers(2, 9))
+def test_any_mix_of_requests_gets_the_answers_they_would_get_alone(tmp_path, requests,
+                                                                   max_items):
+    recorder = Recorder()
+    app = make_app(tmp_path, recorder, max_batch_size=max_items)
+    arrays = []
+    for index, (rows, width, kind) in enumerate(requests):
+        array = np.full((rows, width), index + 1, np.float32)
+        if kind == "negative":
+            array = -array
+        elif kind == "poison":
+            array[-1, 0] = POISON
+        arrays.append(array)
+    futures = held_then_queued(app, recorder, arrays)
+    for (_, _, kind), array, future in zip(requests, arrays, futures, strict=True):
+        if kind == "negative":
+            with pytest.raises(BadRequest):
+                future.result(timeout=30)
+        else:
+            np.testing.assert_array_equal(answer(future), array * 2)
+    answered = [a for (_, _, kind), a in zip(requests, arrays, strict=True)
+                if kind != "negative"]
+    calls = recorder.inputs[1:]
+    assert sum(len(batch) for batch in calls) >= sum(len(a) for a in answered)
+    for batch in calls:
+        owners = set(np.abs(batch[batch != POISON]).tolist())
+        if len(owners) > 1:  # a merged call: never more than max_items rows
+            assert len(batch) <= max_items, (len(batch), max_items)
 
 
 def test_a_predict_fn_without_batch_fn_turns_batching_off(tmp_path):
