@@ -76,6 +76,7 @@ import benchlib
 import numpy as np
 
 import smchainer  # noqa: F401  (Chainer's NumPy 2 compat before chainer loads)
+from smchainer.api.endpoint import http_get
 from smchainer.cli import ArgumentParser, add_common_arguments, run
 from smchainer.errors import SmchainerError
 
@@ -342,20 +343,35 @@ def measure_predict(model_dir: str, images_file: str, npy_batches: Sequence[int]
     out: dict[str, Any] = {"model_type": type(model).__name__,
                            "runs_onnxruntime": "Onnx" in type(model).__name__,
                            "plugins": [p.get("name") for p in describe_plugins(pm)]}
+    out.update(time_bodies(
+        bodies, repeats, decode=lambda body: hooks.input_fn(body.data, body.content_type),
+        predict=lambda decoded: hooks.predict_fn(decoded, model),
+        request=lambda body: hooks.transform(model, body.data, body.content_type, body.accept)))
+    return out
+
+
+def time_bodies(bodies: list[Body], repeats: int, decode: Any, predict: Any,
+                request: Any) -> dict[str, Any]:
+    """Per body: the median ``predict`` of its decoded input and the median whole ``request``.
+
+    Each body is decoded once and requested twice before timing (allocations
+    per shape), then timed ``repeats`` times, the two alternating.
+    """
+    out: dict[str, Any] = {}
     for body in bodies:
-        decoded = hooks.input_fn(body.data, body.content_type)
+        decoded = decode(body)
         for _ in range(2):
-            hooks.transform(model, body.data, body.content_type, body.accept)
-        predict, whole = [], []
+            request(body)
+        predicts, wholes = [], []
         for _ in range(repeats):
             start = time.perf_counter()
-            hooks.predict_fn(decoded, model)
+            predict(decoded)
             middle = time.perf_counter()
-            hooks.transform(model, body.data, body.content_type, body.accept)
-            whole.append(time.perf_counter() - middle)
-            predict.append(middle - start)
-        out[body.name] = {"predict_ms": round(1000 * statistics.median(predict), 3),
-                          "in_process_request_ms": round(1000 * statistics.median(whole), 3),
+            request(body)
+            wholes.append(time.perf_counter() - middle)
+            predicts.append(middle - start)
+        out[body.name] = {"predict_ms": round(1000 * statistics.median(predicts), 3),
+                          "in_process_request_ms": round(1000 * statistics.median(wholes), 3),
                           "repeats": repeats}
     return out
 
@@ -385,21 +401,9 @@ def measure_torch_predict(torch_dir: str, images_file: str, npy_batches: Sequenc
         scores = service.predict(handler.decode(body.data, body.content_type))
         return handler.encode(scores, body.accept, service.class_names)[0]
 
-    for body in bodies:
-        decoded = handler.decode(body.data, body.content_type)
-        for _ in range(2):
-            request(body)
-        predict, whole = [], []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            service.predict(decoded)
-            middle = time.perf_counter()
-            request(body)
-            whole.append(time.perf_counter() - middle)
-            predict.append(middle - start)
-        out[body.name] = {"predict_ms": round(1000 * statistics.median(predict), 3),
-                          "in_process_request_ms": round(1000 * statistics.median(whole), 3),
-                          "repeats": repeats}
+    out.update(time_bodies(bodies, repeats,
+                           decode=lambda body: handler.decode(body.data, body.content_type),
+                           predict=service.predict, request=request))
     return out
 
 
@@ -609,12 +613,9 @@ SERVER_SUMS = ("smchainer_batch_size_sum", "smchainer_batch_size_count",
 
 def server_sums(port: int) -> dict[str, float]:
     """:data:`SERVER_SUMS` from smchainer-serve's ``/metrics`` (all workers summed)."""
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
+    status, text = http_get(port, "/metrics", timeout=10)
+    if status != 200:
+        raise SmchainerError(f"GET /metrics on port {port} answered {status or 'nothing'}")
     sums = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")

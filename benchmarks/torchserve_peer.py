@@ -21,7 +21,6 @@ and Java 11 or later (17 here); :func:`missing_reason` says what is absent.
 from __future__ import annotations
 
 import collections
-import http.client
 import importlib.util
 import json
 import os
@@ -42,7 +41,7 @@ from typing import Any
 import numpy as np
 import torchserve_handler as handler
 
-from smchainer.api.endpoint import free_port, group_members
+from smchainer.api.endpoint import free_port, group_members, http_get
 from smchainer.errors import SmchainerError
 
 HOST = "127.0.0.1"
@@ -387,15 +386,7 @@ class TorchServe:
 
     def get(self, port: int, path: str) -> tuple[int, str]:
         """``GET path`` on one of the server's ports: status (0: unreachable) and body."""
-        connection = http.client.HTTPConnection(HOST, port, timeout=5)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read().decode(errors="replace")
-        except OSError:
-            return 0, ""
-        finally:
-            connection.close()
+        return http_get(port, path, HOST)
 
     def worker_reports(self) -> list[dict[str, Any]]:
         """What each worker's handler wrote when it loaded (pid, torch threads)."""

@@ -60,6 +60,19 @@ class EndpointError(SmchainerError):
         super().__init__(text)
 
 
+def http_get(port: int, path: str, host: str = HOST, timeout: float = 5) -> tuple[int, str]:
+    """``GET path`` on a local server: the status (0 when nothing answers) and the body."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    except OSError:
+        return 0, ""
+    finally:
+        connection.close()
+
+
 def free_port(host: str = HOST) -> int:
     """A TCP port on ``host`` that nothing listens on right now."""
     with socket.socket() as probe:
@@ -217,15 +230,7 @@ class LocalEndpoint:
 
     def get(self, path: str) -> tuple[int, str]:
         """``GET path`` on the server: the status (0 when unreachable) and the body."""
-        connection = http.client.HTTPConnection(HOST, self.port, timeout=5)
-        try:
-            connection.request("GET", path)
-            response = connection.getresponse()
-            return response.status, response.read().decode(errors="replace")
-        except OSError:
-            return 0, ""
-        finally:
-            connection.close()
+        return http_get(self.port, path)
 
     def _error_line(self) -> str:
         for line in reversed(self.log_tail(200)):

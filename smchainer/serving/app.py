@@ -423,8 +423,8 @@ class InferenceApp:
         if self.settings.max_batch_size <= 1:
             return None
         refusal = self.hooks.batching_refusal()
-        if refusal is not None:
-            logger.info("dynamic batching is off: %s", refusal)
+        if refusal is not None:  # the master has said so at info level
+            logger.debug("dynamic batching is off: %s", refusal)
             return None
         return Batcher(self.hooks, self.settings.max_batch_size,
                        self.settings.max_batch_delay_ms / 1000, self.metrics.observe_batch)
@@ -577,15 +577,20 @@ class InferenceApp:
     def prometheus_metrics(self, environ: dict[str, Any]) -> Response:
         return Response(200, self.metrics.render().encode(), METRICS_CONTENT_TYPE)
 
-    def invocations(self, environ: dict[str, Any]) -> Response:
-        with self.metrics.in_flight.track_inprogress():
-            return self.invoke(environ)
+    @contextlib.contextmanager
+    def inference_request(self, environ: dict[str, Any]) -> Iterator[Any]:
+        """An inference route's model, once the length and the model allow one.
 
-    def invoke(self, environ: dict[str, Any]) -> Response:
-        deadline = time.monotonic() + self.settings.timeout
-        with self.runner.arriving_request():
+        Counted in flight and, until it is submitted, as arriving (for the
+        batcher); 413 from ``Content-Length`` first, then 503 without a model.
+        """
+        with self.metrics.in_flight.track_inprogress(), self.runner.arriving_request():
             self.check_length(environ)
-            model = self.holder.require()
+            yield self.holder.require()
+
+    def invocations(self, environ: dict[str, Any]) -> Response:
+        deadline = time.monotonic() + self.settings.timeout
+        with self.inference_request(environ) as model:
             content_type = content.media_type(
                 environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
             )
@@ -594,7 +599,7 @@ class InferenceApp:
                                                self.hooks.media_types().encodes)
             body = self.read_body(environ)
             future = self.submit_inference(model, body, content_type, accepts, deadline)
-        payload, response_type = self.wait_for(future, deadline)
+            payload, response_type = self.wait_for(future, deadline)
         return Response(200, payload, response_type)
 
     def submit_inference(self, model: Any, body: bytes, content_type: str, accepts: list[str],
@@ -650,19 +655,13 @@ class InferenceApp:
         return self.open_inference_infer(environ)
 
     def open_inference_infer(self, environ: dict[str, Any]) -> Response:
-        with self.metrics.in_flight.track_inprogress():
-            return self.open_inference_invoke(environ)
-
-    def open_inference_invoke(self, environ: dict[str, Any]) -> Response:
         deadline = time.monotonic() + self.settings.timeout
-        with self.runner.arriving_request():
-            self.check_length(environ)
-            model = self.holder.require()
+        with self.inference_request(environ) as model:
             body = self.read_body(environ)
             request = v2.parse_infer(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
             future = self.submit_inference(model, v2.npy_bytes(request.array), content.NPY,
                                            [content.NPY], deadline)
-        payload, response_type = self.wait_for(future, deadline)
+            payload, response_type = self.wait_for(future, deadline)
         if response_type != content.NPY:
             raise NotAcceptable(f"the model's output_fn answered {response_type}, not a "
                                 "tensor (application/x-npy)")

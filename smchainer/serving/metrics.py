@@ -128,7 +128,8 @@ class WorkerMetrics:
                           else ["worker", "pid", "device"], registry=r,
                           multiprocess_mode="liveall")
         self.device = ""
-        self._children: dict[tuple[str, str], Any] = {}  # labelled counters, looked up once
+        #: (endpoint, status) -> its counter and its endpoint's histogram, looked up once
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     def bind_worker(self, worker: int) -> None:
         """Take the identity of the current process as worker ``worker`` (after fork)."""
@@ -138,11 +139,12 @@ class WorkerMetrics:
     def observe_request(self, path: str, status: int, seconds: float) -> None:
         endpoint = endpoint_label(path)
         key = (endpoint, str(status))
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self.requests.labels(endpoint, str(status))
-        child.inc()
-        self.duration.labels(endpoint).observe(seconds)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (self.requests.labels(endpoint, str(status)),
+                                               self.duration.labels(endpoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, items: int, requests: int) -> None:
         """One ``predict_fn`` call of ``items`` rows for ``requests`` requests."""

@@ -104,18 +104,24 @@ def set_tensor_nd(desc: Descriptor, array: Any, data_type: int | None = None) ->
     libcudnn.setTensorNdDescriptor(desc.value, dtype, list(array.shape), element_strides(array))
 
 
+def _nchw(shape: Sequence[int], format: int) -> tuple[int, int, int, int]:
+    """A 4-D shape in ``format`` (``(n, c, h, w)`` or ``(n, h, w, c)``) as ``(n, c, h, w)``."""
+    if format == CUDNN_TENSOR_NCHW:
+        n, c, h, w = shape
+    elif format == CUDNN_TENSOR_NHWC:
+        n, h, w, c = shape
+    else:
+        raise ValueError(f"unknown cudnnTensorFormat: {format}")
+    return n, c, h, w
+
+
 def set_tensor(desc: Descriptor, array: Any, format: int = CUDNN_TENSOR_NCHW) -> None:
     """4-D in ``format`` (NCHW, or NHWC for an ``(n, h, w, c)`` array), else N-d."""
     _require_contiguous(array)
     if len(array.shape) != 4:
         set_tensor_nd(desc, array)
         return
-    if format == CUDNN_TENSOR_NCHW:
-        n, c, h, w = array.shape
-    elif format == CUDNN_TENSOR_NHWC:
-        n, h, w, c = array.shape
-    else:
-        raise ValueError(f"unknown cudnnTensorFormat: {format}")
+    n, c, h, w = _nchw(array.shape, format)
     libcudnn.setTensor4dDescriptor(desc.value, format, get_data_type(array.dtype), n, c, h, w)
 
 
@@ -161,12 +167,7 @@ def set_filter(desc: Descriptor, arr: Any, format: int = CUDNN_TENSOR_NCHW) -> N
     """4-D ``(k, c, h, w)`` in NCHW or ``(k, h, w, c)`` in NHWC; N-d filters as they are."""
     data_type = get_data_type(arr.dtype)
     if len(arr.shape) == 4:
-        if format == CUDNN_TENSOR_NCHW:
-            k, c, h, w = arr.shape
-        elif format == CUDNN_TENSOR_NHWC:
-            k, h, w, c = arr.shape
-        else:
-            raise ValueError(f"unknown cudnnTensorFormat: {format}")
+        k, c, h, w = _nchw(arr.shape, format)
         libcudnn.setFilter4dDescriptor(desc.value, data_type, format, k, c, h, w)
     else:
         libcudnn.setFilterNdDescriptor(desc.value, data_type, format, list(arr.shape))

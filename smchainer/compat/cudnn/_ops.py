@@ -24,6 +24,15 @@ from smchainer.compat.cudnn.constants import (
 _ref = ctypes.byref
 
 
+def _pooling_descriptors(scope: Scope, x: Any, y: Any, ksize: tuple, stride: tuple, pad: tuple,
+                         mode: int) -> tuple[Any, Any, Any]:
+    """N-d descriptors of ``x`` and ``y`` and the pooling's, held by ``scope``."""
+    x_desc, y_desc = scope.hold(new_tensor()), scope.hold(new_tensor())
+    set_tensor_nd(x_desc, x)
+    set_tensor_nd(y_desc, y)
+    return x_desc, y_desc, scope.hold(create_pooling_descriptor(ksize, stride, pad, mode))
+
+
 def pooling_forward(x: Any, y: Any, ksize: tuple, stride: tuple, pad: tuple, mode: int) -> Any:
     """Pool ``x`` into ``y`` (C-contiguous, allocated by the caller); returns ``y``."""
     rt = _context.runtime()
@@ -32,10 +41,7 @@ def pooling_forward(x: Any, y: Any, ksize: tuple, stride: tuple, pad: tuple, mod
         raise ValueError("pooling_forward supports c-contiguous y only")
     one, zero = _context.scalars(x.dtype)
     with Scope() as scope:
-        x_desc, y_desc = scope.hold(new_tensor()), scope.hold(new_tensor())
-        set_tensor_nd(x_desc, x)
-        set_tensor_nd(y_desc, y)
-        pool = scope.hold(create_pooling_descriptor(ksize, stride, pad, mode))
+        x_desc, y_desc, pool = _pooling_descriptors(scope, x, y, ksize, stride, pad, mode)
         libcudnn.call("cudnnPoolingForward", _context.get_handle(), pool.value, _ref(one),
                       x_desc.value, _context.pointer(x), _ref(zero), y_desc.value,
                       _context.pointer(y))
@@ -50,10 +56,7 @@ def pooling_backward(x: Any, y: Any, gy: Any, ksize: tuple, stride: tuple, pad: 
     x, y, gy = rt.ascontiguous(x), rt.ascontiguous(y), rt.ascontiguous(gy)
     one, zero = _context.scalars(x.dtype)
     with Scope() as scope:
-        x_desc, y_desc = scope.hold(new_tensor()), scope.hold(new_tensor())
-        set_tensor_nd(x_desc, x)
-        set_tensor_nd(y_desc, y)
-        pool = scope.hold(create_pooling_descriptor(ksize, stride, pad, mode))
+        x_desc, y_desc, pool = _pooling_descriptors(scope, x, y, ksize, stride, pad, mode)
         libcudnn.call("cudnnPoolingBackward", _context.get_handle(), pool.value, _ref(one),
                       y_desc.value, _context.pointer(y), y_desc.value, _context.pointer(gy),
                       x_desc.value, _context.pointer(x), _ref(zero), x_desc.value,

@@ -179,6 +179,17 @@ def _conv_key(a: Any, b: Any, c: Any, pad: Sequence[int], stride: Sequence[int],
             deterministic, tf32_enabled())
 
 
+def _descriptors(scope: Scope, tensors: Sequence[Any], filter_array: Any, pad: tuple,
+                 stride: tuple, dilation: tuple, groups: int, use_tc: bool, d_layout: int,
+                 w_layout: int) -> tuple[list[Descriptor], Descriptor, Descriptor]:
+    """The two tensors', the filter's and the convolution's descriptors, held by ``scope``."""
+    descs = [scope.tensor(array, d_layout) for array in tensors]
+    w_desc = scope.hold(create_filter_descriptor(filter_array, w_layout))
+    conv = scope.hold(create_convolution_descriptor(
+        pad, stride, tensors[0].dtype, CUDNN_CROSS_CORRELATION, dilation, use_tc, groups))
+    return descs, w_desc, conv
+
+
 def convolution_forward(x: Any, W: Any, b: Any, y: Any, pad: tuple, stride: tuple,  # noqa: N803
                         dilation: tuple, groups: int, *, auto_tune: bool, tensor_core: str,
                         d_layout: int = CUDNN_TENSOR_NCHW,
@@ -188,10 +199,8 @@ def convolution_forward(x: Any, W: Any, b: Any, y: Any, pad: tuple, stride: tupl
     rt = _context.runtime()
     x, W = rt.ascontiguous(x), rt.ascontiguous(W)
     with Scope() as scope:
-        x_desc, y_desc = scope.tensor(x, d_layout), scope.tensor(y, d_layout)
-        w_desc = scope.hold(create_filter_descriptor(W, w_layout))
-        conv = scope.hold(create_convolution_descriptor(
-            pad, stride, x.dtype, CUDNN_CROSS_CORRELATION, dilation, use_tc, groups))
+        (x_desc, y_desc), w_desc, conv = _descriptors(
+            scope, (x, y), W, pad, stride, dilation, groups, use_tc, d_layout, w_layout)
         key = _conv_key(x, W, y, pad, stride, dilation, groups, (d_layout, w_layout), use_tc,
                         False)
         try:
@@ -220,10 +229,8 @@ def convolution_backward_filter(x: Any, gy: Any, gW: Any, pad: tuple, stride: tu
     rt = _context.runtime()
     x, gy = rt.ascontiguous(x), rt.ascontiguous(gy)
     with Scope() as scope:
-        x_desc, gy_desc = scope.tensor(x, d_layout), scope.tensor(gy, d_layout)
-        w_desc = scope.hold(create_filter_descriptor(gW, w_layout))
-        conv = scope.hold(create_convolution_descriptor(
-            pad, stride, x.dtype, CUDNN_CROSS_CORRELATION, dilation, use_tc, groups))
+        (x_desc, gy_desc), w_desc, conv = _descriptors(
+            scope, (x, gy), gW, pad, stride, dilation, groups, use_tc, d_layout, w_layout)
         key = _conv_key(x, gy, gW, pad, stride, dilation, groups, (d_layout, w_layout), use_tc,
                         deterministic)
         _run(BACKWARD_FILTER, (x_desc, gy_desc, w_desc), conv, (x, gy, gW), key,
@@ -241,10 +248,8 @@ def convolution_backward_data(W: Any, x: Any, b: Any, y: Any, pad: tuple, stride
     rt = _context.runtime()
     x, W = rt.ascontiguous(x), rt.ascontiguous(W)
     with Scope() as scope:
-        x_desc, y_desc = scope.tensor(x, d_layout), scope.tensor(y, d_layout)
-        w_desc = scope.hold(create_filter_descriptor(W, w_layout))
-        conv = scope.hold(create_convolution_descriptor(
-            pad, stride, x.dtype, CUDNN_CROSS_CORRELATION, dilation, use_tc, groups))
+        (x_desc, y_desc), w_desc, conv = _descriptors(
+            scope, (x, y), W, pad, stride, dilation, groups, use_tc, d_layout, w_layout)
         key = _conv_key(W, x, y, pad, stride, dilation, groups, (d_layout, w_layout), use_tc,
                         deterministic)
         _run(BACKWARD_DATA, (w_desc, x_desc, y_desc), conv, (W, x, y), key,
