@@ -19,6 +19,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import functools
 import heapq
 import hmac
 import json
@@ -60,6 +61,12 @@ access_logger = logging.getLogger("smchainer.serving.access")
 _READ_CHUNK = 64 * 1024
 #: Answered without a token when the server requires one: health checks must work.
 OPEN_PATHS = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
+
+
+@functools.lru_cache(maxsize=64)
+def status_line(status: int) -> str:
+    """``"200 OK"``: a WSGI status line (an enum lookup, once per status)."""
+    return f"{status} {HTTPStatus(status).phrase}"
 
 
 @dataclass
@@ -327,6 +334,12 @@ class BodyDeadlines:
     :meth:`watch` registers the socket with a deadline; one thread per
     worker shuts the socket's reading side at the deadline, which ends the
     blocked read at once (the server can still answer on the socket).
+
+    The thread wakes for deadlines, not for requests: :meth:`watch` wakes it
+    only when the new deadline comes before the time it would wake by itself
+    (at most :data:`IDLE_WAKE_SECONDS` from when it last looked), and bodies
+    read in time are dropped when the thread next looks. Waking a thread
+    per request would have it take the GIL from the request's own threads.
     """
 
     def __init__(self) -> None:
@@ -335,6 +348,8 @@ class BodyDeadlines:
         self._lock = threading.Condition()
         self._next = 0
         self._thread: threading.Thread | None = None
+        #: when the thread wakes by itself (:func:`time.monotonic`)
+        self._wakes_at = -float("inf")
 
     def watch(self, sock: socket.socket, deadline: float) -> int:
         """Shut ``sock``'s reading side at ``deadline`` unless :meth:`release` comes first."""
@@ -346,7 +361,8 @@ class BodyDeadlines:
             self._next += 1
             heapq.heappush(self._heap, (deadline, self._next, sock))
             self._live.add(self._next)
-            self._lock.notify()
+            if deadline < self._wakes_at:
+                self._lock.notify()
             return self._next
 
     def release(self, token: int) -> bool:
@@ -360,22 +376,26 @@ class BodyDeadlines:
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._heap:
-                    self._lock.wait()
-                deadline, token, sock = self._heap[0]
-                wait = deadline - time.monotonic()
-                if wait > 0:
-                    self._lock.wait(wait)
+                heap = self._heap
+                while heap and heap[0][1] not in self._live:  # read in time: forget
+                    heapq.heappop(heap)
+                now = time.monotonic()
+                if not heap or heap[0][0] > now:
+                    self._wakes_at = min(heap[0][0] if heap else float("inf"),
+                                         now + IDLE_WAKE_SECONDS)
+                    self._lock.wait(self._wakes_at - now)
+                    self._wakes_at = -float("inf")  # awake: any watch may notify
                     continue
-                heapq.heappop(self._heap)
-                if token not in self._live:
-                    continue
+                _, token, sock = heapq.heappop(heap)
                 self._live.discard(token)
             try:
                 sock.shutdown(socket.SHUT_RD)
             except OSError:
                 pass
 
+
+#: The longest :class:`BodyDeadlines`' thread sleeps without looking at its deadlines.
+IDLE_WAKE_SECONDS = 1.0
 
 #: Seconds past a request's timeout before a still-running inference counts as stuck.
 STUCK_GRACE_SECONDS = 1.0
@@ -481,7 +501,7 @@ class InferenceApp:
         if response.content_type is not None:
             headers.append(("Content-Type", response.content_type))
         headers.append(("Content-Length", str(len(body))))
-        start_response(f"{response.status} {HTTPStatus(response.status).phrase}", headers)
+        start_response(status_line(response.status), headers)
         return [body]
 
     def dispatch(self, method: str, path: str, environ: dict[str, Any]) -> Response:

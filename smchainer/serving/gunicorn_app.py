@@ -34,6 +34,18 @@ WORKER_CLASS = "smchainer.serving.worker.ServingWorker"
 WORKER_CLASS_ENV = "SMCHAINER_WORKER_CLASS"
 
 
+#: Where the workers' heartbeat files go when it exists: a memory file system.
+#: gunicorn's documentation warns that its heartbeat, a metadata write on every
+#: turn of a worker's loop, can block a worker on a disk-backed one.
+HEARTBEAT_DIR = "/dev/shm"
+
+
+def heartbeat_dir() -> str | None:
+    """:data:`HEARTBEAT_DIR` where it is a writable directory; else None (the default temp dir)."""
+    return HEARTBEAT_DIR if os.path.isdir(HEARTBEAT_DIR) and os.access(HEARTBEAT_DIR, os.W_OK) \
+        else None
+
+
 def build_app(settings: ServerSettings) -> Any:
     """A fresh WSGI app with its own plugin manager (called in each worker)."""
     from smchainer.manager import Hooks
@@ -91,6 +103,7 @@ class ServingApplication(BaseApplication):
             "timeout": settings.timeout,
             "graceful_timeout": min(GRACEFUL_TIMEOUT, settings.timeout),
             "keepalive": 5,
+            "worker_tmp_dir": heartbeat_dir(),
             "preload_app": False,
             "loglevel": gunicorn_log_level(settings.log_level),
             "errorlog": "-",

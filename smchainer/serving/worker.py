@@ -32,6 +32,12 @@ complete request heads:
 - **SIGTERM closes the listener at once**, so new connections are refused
   instead of waiting in the backlog of a worker that will never accept them;
   requests in flight still finish within the graceful timeout.
+- **One heartbeat per half second.** gthread touches its heartbeat file
+  (``os.utime``) on every turn of its loop, several times a request; each
+  call lets go of the GIL and waits to get it back behind the pool and
+  inference threads. This worker writes it every :data:`HEARTBEAT_SECONDS`
+  (or a quarter of its timeout, when shorter), its loop waking for it when
+  idle, far within the master's timeout.
 - **Protocol errors in JSON.** gunicorn answers requests it cannot parse
   itself, with an HTML page written by :func:`gunicorn.util.write_error`,
   and offers no setting for that body. A worker of this class is a serving
@@ -68,6 +74,10 @@ INLINE_REQUESTS = ((b"GET", b"/ping"), (b"HEAD", b"/ping"), (b"GET", b"/metrics"
                    (b"GET", b"/v2/health/live"), (b"GET", b"/v2/health/ready"))
 #: How often a loading worker looks again whether a sibling is ready.
 READY_CHECK_SECONDS = 0.1
+#: The heartbeat (the mtime of gunicorn's worker temp file, which the master
+#: watches against its timeout) is written at most this often, and at most a
+#: quarter of the worker's timeout apart.
+HEARTBEAT_SECONDS = 0.5
 
 
 def write_json_error(sock: Any, status_int: int, reason: str, mesg: str) -> None:
@@ -98,6 +108,8 @@ class ServingWorker(ThreadWorker):
             handler.setFormatter(OneLineFormatter(current._fmt, current.datefmt))
         self._checked_siblings = 0.0
         self._sibling_ready = False
+        self._heartbeat_every = min(HEARTBEAT_SECONDS, self.timeout / 4)
+        self._last_heartbeat = -float("inf")
         super().init_process()
 
     def run(self) -> None:
@@ -108,6 +120,13 @@ class ServingWorker(ThreadWorker):
                 markers = getattr(self.wsgi, name, None)
                 if markers is not None:
                     markers.clear()
+
+    def notify(self) -> None:
+        """The heartbeat, at most every ``_heartbeat_every`` seconds (see the module docstring)."""
+        now = time.monotonic()
+        if now - self._last_heartbeat >= self._heartbeat_every:
+            self._last_heartbeat = now
+            super().notify()
 
     # -- settings from the app ------------------------------------------------
 
@@ -137,7 +156,9 @@ class ServingWorker(ThreadWorker):
         if self._accepting and self.alive and self.hold_back():
             self.set_accept_enabled(False)
             timeout = min(timeout, READY_CHECK_SECONDS)
-        super().wait_for_and_dispatch_events(timeout)
+        # Back in time for the next heartbeat, which the loop writes before it waits again.
+        due = self._last_heartbeat + self._heartbeat_every - time.monotonic()
+        super().wait_for_and_dispatch_events(min(timeout, max(due, 0.0)))
 
     def accept(self, listener: Any) -> None:
         if self.cfg.is_ssl:  # TLS must be unwrapped before a head can be read: gthread's way
