@@ -188,6 +188,10 @@ def match_media_range(media_range: str, supported: tuple[str, ...]) -> str | Non
     return None
 
 
+#: Distinct npy headers whose parse is kept (clients send the same few shapes).
+NPY_HEADER_CACHE = 256
+
+
 def decode_npy(body: bytes) -> np.ndarray:
     """Read an ``.npy`` body, checking its header against its length before allocating.
 
@@ -195,13 +199,49 @@ def decode_npy(body: bytes) -> np.ndarray:
     declares must account for exactly the bytes that follow, so a header
     claiming 10^10 elements, a dimension of 2^64 or an object (pickled) dtype
     is a 400 before any memory is set aside, and nothing is ever unpickled.
+    A header's parse is cached by its bytes (:func:`npy_header`), as the same
+    bytes always parse the same: NumPy's reader compiles the header as a
+    Python literal, about half of a small body's decoding.
     """
-    stream = io.BytesIO(body)
+    shape, fortran_order, dtype, offset = npy_header(body[:npy_header_end(body)])
+    count = 1
+    for dimension in shape:
+        count *= dimension
+    expected = count * dtype.itemsize
+    remaining = len(body) - offset
+    if expected != remaining:
+        raise BadRequest(
+            f"npy header declares shape {list(shape)} of {dtype} ({expected} bytes), but the "
+            f"body holds {remaining} bytes after it"
+        )
+    try:
+        array = np.frombuffer(body, dtype=dtype, count=count, offset=offset)
+        # A writable copy of its own, as np.load gives: hooks may change their input in place.
+        return array.reshape(shape, order="F" if fortran_order else "C").copy(order="K")
+    except (ValueError, TypeError) as error:  # a dtype NumPy cannot lay out this way
+        raise BadRequest(f"npy body could not be read: {error}") from None
+
+
+def npy_header_end(body: bytes) -> int:
+    """Where an npy body's header ends, from its length field (version 1: 2 bytes, else 4)."""
+    if body[6:8] == b"\x01\x00":
+        return 10 + int.from_bytes(body[8:10], "little")
+    return 12 + int.from_bytes(body[8:12], "little")
+
+
+@functools.lru_cache(maxsize=NPY_HEADER_CACHE)
+def npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """An npy body's magic and header, read by NumPy: shape, Fortran order, dtype, data offset.
+
+    Refuses (400) what cannot be read, pickled objects and negative
+    dimensions; refusals are not cached.
+    """
+    stream = io.BytesIO(head)
     try:
         version = np.lib.format.read_magic(stream)
     except ValueError:
         raise BadRequest(
-            f"body is not an npy file: it starts with {body[:8]!r}, not the npy magic "
+            f"body is not an npy file: it starts with {head[:8]!r}, not the npy magic "
             "b'\\x93NUMPY'"
         ) from None
     try:
@@ -215,22 +255,7 @@ def decode_npy(body: bytes) -> np.ndarray:
         raise BadRequest("npy body holds pickled objects, which are never loaded")
     if any(dimension < 0 for dimension in shape):
         raise BadRequest(f"npy header declares a negative dimension: shape {list(shape)}")
-    count = 1
-    for dimension in shape:
-        count *= dimension
-    expected = count * dtype.itemsize
-    remaining = len(body) - stream.tell()
-    if expected != remaining:
-        raise BadRequest(
-            f"npy header declares shape {list(shape)} of {dtype} ({expected} bytes), but the "
-            f"body holds {remaining} bytes after it"
-        )
-    try:
-        array = np.frombuffer(body, dtype=dtype, count=count, offset=stream.tell())
-        # A writable copy of its own, as np.load gives: hooks may change their input in place.
-        return array.reshape(shape, order="F" if fortran_order else "C").copy(order="K")
-    except (ValueError, TypeError) as error:  # a dtype NumPy cannot lay out this way
-        raise BadRequest(f"npy body could not be read: {error}") from None
+    return tuple(shape), bool(fortran_order), dtype, stream.tell()
 
 
 def _finite_float(text: str) -> float:
@@ -319,8 +344,28 @@ def to_numpy(prediction: Any) -> np.ndarray:
 
 
 def encode_npy(prediction: Any) -> bytes:
+    """An ``.npy`` file as :func:`numpy.save` writes it; NumPy's header, cached per layout."""
+    array = to_numpy(prediction)
+    if not array.dtype.hasobject and (array.flags.c_contiguous or array.flags.f_contiguous):
+        fortran = not array.flags.c_contiguous
+        try:
+            header = npy_header_for(array.dtype, array.shape, fortran)
+        except (ValueError, UnicodeError):  # a header that needs format version 2 or 3
+            pass
+        else:
+            return header + (array.T if fortran else array).tobytes()
     buffer = io.BytesIO()
-    np.save(buffer, to_numpy(prediction), allow_pickle=False)
+    np.save(buffer, array, allow_pickle=False)  # refuses objects; lays the others out
+    return buffer.getvalue()
+
+
+@functools.lru_cache(maxsize=NPY_HEADER_CACHE)
+def npy_header_for(dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> bytes:
+    """The magic and header :func:`numpy.save` writes before an array of this layout."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {
+        "descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": fortran,
+        "shape": shape})
     return buffer.getvalue()
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -124,3 +125,53 @@ def test_encoders() -> None:
     assert content.encode(prediction, "application/*")[1] == "application/json"
     with pytest.raises(NotAcceptable, match="text/csv"):
         content.encode(prediction, "image/png")
+
+
+NPY_LAYOUTS = [
+    np.arange(24, dtype=np.float32).reshape(2, 3, 2, 2),
+    np.arange(12).reshape(3, 4).T,  # Fortran-ordered view
+    np.asfortranarray(np.linspace(0, 1, 20).reshape(4, 5)),
+    np.linspace(0, 1, 25).reshape(5, 5)[::2],  # neither C nor Fortran contiguous
+    np.array(3.5),
+    np.zeros((0, 3), dtype=np.uint8),
+    np.array(["x\u00e9", "y"]),
+    np.zeros(3, dtype=[("a", "<i4"), ("b", "<f8")]),
+    np.arange(6, dtype=">f4"),
+    np.zeros(2, dtype=[("\u00e9\u540d", "<i4")]),  # a header only format 3.0 can hold
+]
+
+
+@pytest.mark.parametrize("array", NPY_LAYOUTS, ids=lambda a: f"{a.dtype}-{a.shape}")
+def test_npy_answers_are_the_bytes_numpy_save_writes(array) -> None:
+    with warnings.catch_warnings():  # NumPy says when it needs format 3.0
+        warnings.simplefilter("ignore", UserWarning)
+        buffer = io.BytesIO()
+        np.save(buffer, array, allow_pickle=False)
+        assert content.encode_npy(array) == buffer.getvalue()
+        assert content.encode_npy(array) == buffer.getvalue()  # the cached header, again
+
+
+@pytest.mark.parametrize("array", NPY_LAYOUTS[:-1], ids=lambda a: f"{a.dtype}-{a.shape}")
+def test_npy_bodies_decode_as_numpy_load_reads_them(array) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    for _ in range(2):  # parsed, then from the header cache
+        decoded = content.decode_npy(buffer.getvalue())
+        expected = np.load(io.BytesIO(buffer.getvalue()), allow_pickle=False)
+        assert decoded.dtype == expected.dtype and decoded.shape == expected.shape
+        np.testing.assert_array_equal(decoded, expected)
+        assert decoded.flags.writeable
+
+
+def test_a_cached_npy_header_still_checks_each_body_length() -> None:
+    body = content.encode_npy(np.zeros((2, 3), dtype=np.float32))
+    content.decode_npy(body)  # the header is cached now
+    with pytest.raises(BadRequest, match="holds 20 bytes"):
+        content.decode_npy(body[:-4])
+    with pytest.raises(BadRequest, match="holds 28 bytes"):
+        content.decode_npy(body + b"\0" * 4)
+
+
+def test_encoding_objects_as_npy_is_refused() -> None:
+    with pytest.raises(ValueError):
+        content.encode_npy(np.array([{"a": 1}], dtype=object))
