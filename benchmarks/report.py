@@ -522,7 +522,10 @@ def render(records: list[Record], skipped: dict, plots: list[str], plot_prefix: 
                      "commit", "record"], inference_rows(records))]
     parts += ["### Serving under load (`smchainer-serve` and TorchServe, loopback)", "",
               "Per body: p50 latency at concurrency 1 / serving overhead (p50 minus the bare "
-              "`predict_fn`, for TorchServe the handler's forward pass), in ms. `batched / "
+              "`predict_fn`, for TorchServe the handler's forward pass), in ms; from records "
+              "of 2026-12-01 21:03 on, both timed in alternating rounds (the record's "
+              "`interleaved`), before then the p50 of the concurrency-1 cell against one "
+              "earlier timing of the bare call. `batched / "
               "unbatched`: npy-1 images/s of a `-batched` variant over its unbatched twin's at "
               "the top concurrency; `vs TorchServe`: a smchainer variant's npy-1 images/s / "
               "p99 over TorchServe's with the same batching, at the top concurrency.", "",

@@ -221,7 +221,8 @@ def run_load(port: int, body: Body, concurrency: int, max_requests: int, time_li
 
     Returns the cell's figures: requests/s and images/s over the wall time
     (first send to last answer), latency percentiles of the good answers in
-    milliseconds, and the error count with the first few errors.
+    milliseconds (from sending a request to the last byte of its answer; the
+    answer's check comes after), and the error count with the first few errors.
     """
     lock = threading.Lock()
     issued = 0
@@ -246,12 +247,13 @@ def run_load(port: int, body: Body, concurrency: int, max_requests: int, time_li
                     connection.request("POST", path, body.data, headers)
                     response = connection.getresponse()
                     data = response.read()
+                    elapsed = time.perf_counter() - start  # the answer is in: checked untimed
                     ok = answer_is_valid(body, response.status, data)
                     problem = f"status {response.status}: {data[:200]!r}"
                 except (OSError, http.client.HTTPException) as exc:
+                    elapsed = time.perf_counter() - start
                     connection.close()  # reconnects on the next request
                     ok, problem = False, f"{type(exc).__name__}: {exc}"
-                elapsed = time.perf_counter() - start
                 with lock:
                     if ok:
                         latencies.append(elapsed)
@@ -325,7 +327,7 @@ def check_answer(port: int, path: str, images: np.ndarray, reference: np.ndarray
 # --- the bare predict_fn, in a process of its own ---------------------------------------------
 
 def measure_predict(model_dir: str, images_file: str, npy_batches: Sequence[int],
-                    json_batch: int, repeats: int) -> dict[str, Any]:
+                    json_batch: int, repeats: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """Median ``predict_fn`` and whole in-process request (``input_fn`` .. ``output_fn``) times.
 
     Runs in a child process whose environment is the server's, so the same
@@ -343,23 +345,28 @@ def measure_predict(model_dir: str, images_file: str, npy_batches: Sequence[int]
     out: dict[str, Any] = {"model_type": type(model).__name__,
                            "runs_onnxruntime": "Onnx" in type(model).__name__,
                            "plugins": [p.get("name") for p in describe_plugins(pm)]}
-    out.update(time_bodies(
+    times, calls = time_bodies(
         bodies, repeats, decode=lambda body: hooks.input_fn(body.data, body.content_type),
         predict=lambda decoded: hooks.predict_fn(decoded, model),
-        request=lambda body: hooks.transform(model, body.data, body.content_type, body.accept)))
-    return out
+        request=lambda body: hooks.transform(model, body.data, body.content_type, body.accept))
+    out.update(times)
+    return out, calls
 
 
 def time_bodies(bodies: list[Body], repeats: int, decode: Any, predict: Any,
-                request: Any) -> dict[str, Any]:
+                request: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per body: the median ``predict`` of its decoded input and the median whole ``request``.
 
     Each body is decoded once and requested twice before timing (allocations
-    per shape), then timed ``repeats`` times, the two alternating.
+    per shape), then timed ``repeats`` times, the two alternating. Also
+    returns, per body, a call of ``predict`` on its decoded input (for
+    :func:`serve_predicts`).
     """
     out: dict[str, Any] = {}
+    calls: dict[str, Any] = {}
     for body in bodies:
         decoded = decode(body)
+        calls[body.name] = functools.partial(predict, decoded)
         for _ in range(2):
             request(body)
         predicts, wholes = [], []
@@ -373,11 +380,25 @@ def time_bodies(bodies: list[Body], repeats: int, decode: Any, predict: Any,
         out[body.name] = {"predict_ms": round(1000 * statistics.median(predicts), 3),
                           "in_process_request_ms": round(1000 * statistics.median(wholes), 3),
                           "repeats": repeats}
-    return out
+    return out, calls
+
+
+def serve_predicts(calls: dict[str, Any], lines: Any, answer: Any) -> None:
+    """The child's loop: per line ``NAME COUNT`` of ``lines``, ``answer`` the seconds of
+    ``COUNT`` calls of body ``NAME``'s ``predict`` (a JSON list); ends with ``lines``."""
+    for line in lines:
+        name, count = line.split()
+        seconds = []
+        for _ in range(int(count)):
+            start = time.perf_counter()
+            calls[name]()
+            seconds.append(time.perf_counter() - start)
+        answer(json.dumps(seconds))
 
 
 def measure_torch_predict(torch_dir: str, images_file: str, npy_batches: Sequence[int],
-                          json_batch: int, repeats: int, threads: int) -> dict[str, Any]:
+                          json_batch: int, repeats: int, threads: int
+                          ) -> tuple[dict[str, Any], dict[str, Any]]:
     """TorchServe's counterpart of :func:`measure_predict`: the handler's own code, in process.
 
     ``predict_ms`` is the forward pass of the archived network
@@ -401,27 +422,57 @@ def measure_torch_predict(torch_dir: str, images_file: str, npy_batches: Sequenc
         scores = service.predict(handler.decode(body.data, body.content_type))
         return handler.encode(scores, body.accept, service.class_names)[0]
 
-    out.update(time_bodies(bodies, repeats,
-                           decode=lambda body: handler.decode(body.data, body.content_type),
-                           predict=service.predict, request=request))
-    return out
+    times, calls = time_bodies(bodies, repeats,
+                               decode=lambda body: handler.decode(body.data, body.content_type),
+                               predict=service.predict, request=request)
+    out.update(times)
+    return out, calls
 
 
-def bare_predict(model_dir: Path, images_file: Path, args: argparse.Namespace,
-                 env: dict[str, str], torch_dir: Path | None = None) -> dict[str, Any]:
-    """Run :func:`measure_predict` (with ``torch_dir``: :func:`measure_torch_predict`) in a
-    child process with ``env``; its JSON answer."""
-    common = [str(images_file), ",".join(map(str, args.npy_batches)), str(args.json_batch),
-              str(args.predict_repeats)]
-    if torch_dir is None:
-        command = [sys.executable, __file__, "--measure-predict", str(model_dir), *common]
-    else:
-        command = [sys.executable, __file__, "--measure-torch-predict", str(torch_dir), *common,
-                   str(args.threads)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        raise SmchainerError(f"measuring predict_fn failed: {done.stderr.strip()[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class PredictChild:
+    """:func:`measure_predict` (with ``torch_dir``: :func:`measure_torch_predict`) in a child
+    process with ``env``, kept for more timed calls (:meth:`predict`) while a server runs."""
+
+    def __init__(self, model_dir: Path, images_file: Path, args: argparse.Namespace,
+                 env: dict[str, str], torch_dir: Path | None = None) -> None:
+        common = [str(images_file), ",".join(map(str, args.npy_batches)),
+                  str(args.json_batch), str(args.predict_repeats)]
+        if torch_dir is None:
+            command = [sys.executable, __file__, "--measure-predict", str(model_dir), *common]
+        else:
+            command = [sys.executable, __file__, "--measure-torch-predict", str(torch_dir),
+                       *common, str(args.threads)]
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        #: the first answer: :func:`time_bodies`' figures and what the model is
+        self.first: dict[str, Any] = self._answer()
+
+    def _answer(self) -> Any:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            self.process.wait(timeout=60)
+            self.stderr.seek(0)
+            raise SmchainerError(f"measuring predict_fn failed: {self.stderr.read()[-2000:]}")
+        return json.loads(line)
+
+    def predict(self, body: str, count: int) -> list[float]:
+        """Seconds of ``count`` bare calls for ``body``, timed in the child."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{body} {count}\n")
+        self.process.stdin.flush()
+        return list(self._answer())
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.stderr.close()
 
 
 # --- one server variant ----------------------------------------------------------------------
@@ -551,14 +602,13 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, images_fil
         return result
     key = variant.server + (variant.onnx or "")
     if key in in_process_cache:
-        result["in_process"] = in_process_cache[key]
-        result["in_process_from"] = in_process_cache[key + ":variant"]
+        child, result["in_process_from"] = in_process_cache[key]
     else:
         print(f"[{name}] bare predict_fn ...", file=sys.stderr, flush=True)
         torch_dir = peer["torch_dir"] if variant.server == TORCHSERVE and peer else None
-        result["in_process"] = bare_predict(model_dir, images_file, args, env, torch_dir)
-        in_process_cache[key] = result["in_process"]
-        in_process_cache[key + ":variant"] = name
+        child = PredictChild(model_dir, images_file, args, env, torch_dir)
+        in_process_cache[key] = (child, name)
+    result["in_process"] = child.first
     started = time.perf_counter()
     try:
         if variant.server == TORCHSERVE:
@@ -591,6 +641,12 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, images_fil
                       + (f"  items/call {cell['inference_threads']['mean_items']}"
                          if "inference_threads" in cell else ""),
                       file=sys.stderr, flush=True)
+        if args.overhead_rounds:
+            print(f"[{name}] serving overhead, interleaved with the bare predict_fn ...",
+                  file=sys.stderr, flush=True)
+            result["interleaved"] = interleaved_overhead(
+                server.port, server.path, child, bodies, result["in_process"], args,
+                reads_metrics=variant.server != TORCHSERVE)
         result["answer_check"] = check_answer(server.port, server.path, check[0], check[1],
                                               args.request_timeout)
     finally:
@@ -601,8 +657,92 @@ def run_variant(name: str, args: argparse.Namespace, model_dir: Path, images_fil
         if variant.server == TORCHSERVE:
             result["torchserve"]["stop"] = stopped
     result["cells"] = cells
-    result["overhead"] = overhead(cells, result["in_process"])
+    result["overhead"] = overhead(cells, result["in_process"], result.get("interleaved"))
     return result
+
+
+#: Seconds each side of a round of :func:`interleaved_overhead` aims to take.
+ROUND_SECONDS = 0.3
+#: Calls each side of a round at most.
+ROUND_CALLS = 25
+#: Calls each side of a round makes first, untimed: the other side just had the CPU.
+ROUND_WARM = 2
+
+
+def interleaved_overhead(port: int, path: str, child: PredictChild, bodies: list[Body],
+                         in_process: dict[str, Any], args: argparse.Namespace,
+                         reads_metrics: bool) -> dict[str, Any]:
+    """Served latency and the bare ``predict_fn`` in alternating rounds, per body.
+
+    On this kind of machine a model's own speed drifts by several per cent
+    within seconds, more than the serving overhead at batch 1; timed at
+    different moments, the two medians differ by that drift too. Here each
+    of ``--overhead-rounds`` rounds times ``calls`` bare calls in the
+    :class:`PredictChild` and ``calls`` requests at concurrency 1 to the
+    server (one keep-alive connection; each answer checked after its time
+    is taken), the order of the two swapped every round, so both medians
+    come from the same minutes. Each side first makes :data:`ROUND_WARM`
+    untimed calls, as the other side has just had the CPU and its caches.
+    ``calls`` makes a side about :data:`ROUND_SECONDS`;
+    ``overhead_ms_rounds`` is each round's median difference, which shows
+    the spread. With ``reads_metrics`` (smchainer-serve) the server's
+    inference threads' mean time over these requests is read from its
+    ``/metrics``.
+    """
+    out: dict[str, Any] = {}
+    for body in bodies:
+        first = in_process.get(body.name)
+        if first is None:
+            continue
+        calls = max(1, min(ROUND_CALLS, round(ROUND_SECONDS * 1000 / max(first["predict_ms"],
+                                                                         0.01))))
+        headers = {"Content-Type": body.content_type, "Accept": body.accept}
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=args.request_timeout)
+        before = server_sums(port) if reads_metrics else None
+        bare: list[float] = []
+        served: list[float] = []
+        rounds: list[float] = []
+        errors: list[str] = []
+        try:
+            for number in range(args.overhead_rounds):
+                round_bare: list[float] = []
+                round_served: list[float] = []
+                for side in ((0, 1) if number % 2 == 0 else (1, 0)):
+                    if side == 0:
+                        round_bare = child.predict(body.name, ROUND_WARM + calls)[ROUND_WARM:]
+                        continue
+                    for call in range(ROUND_WARM + calls):
+                        start = time.perf_counter()
+                        connection.request("POST", path, body.data, headers)
+                        response = connection.getresponse()
+                        data = response.read()
+                        elapsed = time.perf_counter() - start
+                        if not answer_is_valid(body, response.status, data):
+                            errors.append(f"status {response.status}: {data[:200]!r}")
+                        elif call >= ROUND_WARM:
+                            round_served.append(elapsed)
+                bare += round_bare
+                served += round_served
+                if round_served:
+                    rounds.append(round(1000 * (statistics.median(round_served)
+                                                - statistics.median(round_bare)), 3))
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            connection.close()
+        figures: dict[str, Any] = {"rounds": args.overhead_rounds, "calls_per_round": calls,
+                                   "errors": len(errors), "first_errors": errors[:3]}
+        if served and bare:
+            figures.update({
+                "served_p50_ms": round(1000 * statistics.median(served), 3),
+                "predict_ms": round(1000 * statistics.median(bare), 3),
+                "overhead_ms_rounds": rounds,
+            })
+        if before is not None:
+            threads = inference_threads(before, server_sums(port))
+            figures["in_server_inference_ms"] = threads["inference_ms"]
+        out[body.name] = figures
+    return out
 
 
 #: Sums in smchainer-serve's /metrics that say what its inference threads did.
@@ -646,27 +786,44 @@ def inference_threads(before: dict[str, float], after: dict[str, float]) -> dict
     }
 
 
-def overhead(cells: list[dict[str, Any]], in_process: dict[str, Any]) -> dict[str, Any]:
-    """Per body: p50 latency at concurrency 1 minus the bare predict_fn time (and its split)."""
+def overhead(cells: list[dict[str, Any]], in_process: dict[str, Any],
+             interleaved: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Per body: the served p50 at concurrency 1 minus the bare predict_fn time (and its split).
+
+    From the :func:`interleaved_overhead` rounds where they ran
+    (``"method": "interleaved"``); else the concurrency-1 load cell's p50
+    against the child's first timing (``"method": "cell"``). ``codec_ms``
+    (decoding and encoding in process) is from the child's first timing
+    either way.
+    """
     out = {}
     for cell in cells:
-        bare = in_process.get(cell["body"])
-        if cell["concurrency"] != 1 or bare is None or "p50_ms" not in cell:
+        first = in_process.get(cell["body"])
+        if cell["concurrency"] != 1 or first is None or "p50_ms" not in cell:
             continue
-        served = cell["p50_ms"]
-        out[cell["body"]] = {
+        mixed = (interleaved or {}).get(cell["body"], {})
+        if "served_p50_ms" in mixed:
+            served, predict = mixed["served_p50_ms"], mixed["predict_ms"]
+            threads_ms = mixed.get("in_server_inference_ms")
+            figures: dict[str, Any] = {"method": "interleaved", "cell_p50_ms": cell["p50_ms"]}
+        else:
+            served, predict = cell["p50_ms"], first["predict_ms"]
+            threads_ms = (cell.get("inference_threads") or {}).get("inference_ms")
+            figures = {"method": "cell"}
+        codec = first["in_process_request_ms"] - first["predict_ms"]
+        figures.update({
             "served_p50_ms": served,
-            "predict_ms": bare["predict_ms"],
-            "overhead_ms": round(served - bare["predict_ms"], 3),
-            "overhead_share": round((served - bare["predict_ms"]) / served, 4),
-            "codec_ms": round(bare["in_process_request_ms"] - bare["predict_ms"], 3),
-            "http_and_server_ms": round(served - bare["in_process_request_ms"], 3),
-        }
-        threads = cell.get("inference_threads") or {}
-        if threads.get("inference_ms") is not None:
+            "predict_ms": predict,
+            "overhead_ms": round(served - predict, 3),
+            "overhead_share": round((served - predict) / served, 4),
+            "codec_ms": round(codec, 3),
+            "http_and_server_ms": round(served - predict - codec, 3),
+        })
+        if threads_ms is not None:
             # Read from the server itself: its threads' own time on each request.
-            out[cell["body"]]["in_server_inference_ms"] = threads["inference_ms"]
-            out[cell["body"]]["http_and_queue_ms"] = round(served - threads["inference_ms"], 3)
+            figures["in_server_inference_ms"] = threads_ms
+            figures["http_and_queue_ms"] = round(served - threads_ms, 3)
+        out[cell["body"]] = figures
     return out
 
 
@@ -768,7 +925,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "server_threads": "smchainer-serve default (gthread)",
             "concurrency": list(args.concurrency), "max_requests": args.max_requests,
             "time_limit_s": args.time_limit, "request_timeout_s": args.request_timeout,
-            "predict_repeats": args.predict_repeats,
+            "predict_repeats": args.predict_repeats, "overhead_rounds": args.overhead_rounds,
             "bodies": {b.name: {"bytes": len(b.data), "content_type": b.content_type,
                                 "accept": b.accept} for b in bodies},
             "images": f"{args.test_zip.name}: {len(images)} CIFAR-10 test images",
@@ -805,8 +962,12 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
                 variants = [v for v in variants if v not in skipped]
                 print(f"[torchserve] skipped: {peer['error']}", file=sys.stderr, flush=True)
         cache: dict[str, Any] = {}
-        record["variants"] = [run_variant(v, args, model_dir, images_file, bodies, check, peer,
-                                          cache) for v in variants]
+        try:
+            record["variants"] = [run_variant(v, args, model_dir, images_file, bodies, check,
+                                              peer, cache) for v in variants]
+        finally:
+            for child, _ in cache.values():
+                child.close()
         record["ratios"] = ratios(record["variants"])
     return benchlib.finish(record)
 
@@ -850,7 +1011,12 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--threads", type=benchlib.positive(int), default=None,
                         help="BLAS / ONNX Runtime threads per worker (default CPUs // workers)")
     parser.add_argument("--predict-repeats", type=benchlib.positive(int), default=None,
-                        help="timed in-process predict_fn calls per body (default 7)")
+                        help="timed in-process predict_fn calls per body (default 25)")
+    parser.add_argument("--overhead-rounds", type=int, default=None,
+                        help="rounds of the interleaved overhead measurement per body, each "
+                        "bare predict_fn calls then as many served requests (or the other "
+                        "way round) at concurrency 1 (default 10; --quick 2; 0: none, the "
+                        "overhead then comes from the concurrency-1 cell)")
     parser.add_argument("--start-timeout", type=benchlib.positive(float), default=300.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-zip", type=Path,
@@ -869,7 +1035,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     defaults = {"depth": 8 if quick else 16, "width": 0.125 if quick else 1.0,
                 "variants": ["onnx"] if quick else list(DEFAULT_VARIANTS),
                 "max_requests": 32 if quick else 200, "time_limit": 1.0 if quick else 5.0,
-                "predict_repeats": 3 if quick else 7, "workers": benchlib.cpus_available()}
+                "predict_repeats": 3 if quick else 25, "overhead_rounds": 2 if quick else 10,
+                "workers": benchlib.cpus_available()}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -877,6 +1044,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.threads = max(1, benchlib.cpus_available() // args.workers)
     if args.json_batch < 0:
         raise SmchainerError("--json-batch must not be negative")
+    if args.overhead_rounds < 0:
+        raise SmchainerError("--overhead-rounds must not be negative")
     args.variants = list(dict.fromkeys(args.variants))  # each once, in the order given
     return args
 
@@ -889,17 +1058,26 @@ def fmt_ratio(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark and write its record; 0, or 1 when a server variant failed."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--measure-predict"]:  # the child process of bare_predict
-        model_dir, images_file, npy_batches, json_batch, repeats = argv[1:6]
-        print(json.dumps(measure_predict(model_dir, images_file,
-                                         [int(b) for b in npy_batches.split(",") if b],
-                                         int(json_batch), int(repeats))))
-        return 0
-    if argv[:1] == ["--measure-torch-predict"]:  # the child process of bare_predict, TorchServe
-        torch_dir, images_file, npy_batches, json_batch, repeats, threads = argv[1:7]
-        print(json.dumps(measure_torch_predict(torch_dir, images_file,
-                                               [int(b) for b in npy_batches.split(",") if b],
-                                               int(json_batch), int(repeats), int(threads))))
+    if argv[:1] in (["--measure-predict"], ["--measure-torch-predict"]):  # a PredictChild
+        answers = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)  # anything a library prints goes to stderr, not into the answers
+        if argv[0] == "--measure-predict":
+            model_dir, images_file, npy_batches, json_batch, repeats = argv[1:6]
+            figures, calls = measure_predict(model_dir, images_file,
+                                             [int(b) for b in npy_batches.split(",") if b],
+                                             int(json_batch), int(repeats))
+        else:
+            torch_dir, images_file, npy_batches, json_batch, repeats, threads = argv[1:7]
+            figures, calls = measure_torch_predict(
+                torch_dir, images_file, [int(b) for b in npy_batches.split(",") if b],
+                int(json_batch), int(repeats), int(threads))
+
+        def answer(text: str) -> None:
+            answers.write(text + "\n")
+            answers.flush()
+
+        answer(json.dumps(figures))
+        serve_predicts(calls, sys.stdin, answer)
         return 0
 
     def body() -> int:

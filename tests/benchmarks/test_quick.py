@@ -104,12 +104,20 @@ def test_quick_suite_writes_every_record_and_the_report(tmp_path, cifar10):
         assert 0 < cell["p50_ms"] <= cell["p95_ms"] <= cell["p99_ms"] <= cell["max_ms"]
     # a fixed request count bounds every cell: the quick budget is 32 requests
     assert all(cell["requests"] <= 32 for cell in cells.values())
-    assert set(variant["overhead"]) == BODIES
+    assert set(variant["overhead"]) == set(variant["interleaved"]) == BODIES
     for body, figures in variant["overhead"].items():
-        assert figures["predict_ms"] > 0
-        assert figures["served_p50_ms"] == cells[(body, 1)]["p50_ms"]
+        mixed = variant["interleaved"][body]
+        # two rounds (--quick) of bare calls and as many served requests, every answer good
+        assert mixed["errors"] == 0, mixed["first_errors"]
+        assert mixed["rounds"] == 2 and len(mixed["overhead_ms_rounds"]) == 2
+        assert 1 <= mixed["calls_per_round"] <= 25
+        assert figures["method"] == "interleaved"
+        assert figures["predict_ms"] == mixed["predict_ms"] > 0
+        assert figures["served_p50_ms"] == mixed["served_p50_ms"] > 0
+        assert figures["cell_p50_ms"] == cells[(body, 1)]["p50_ms"]
         assert figures["overhead_ms"] == pytest.approx(
             figures["served_p50_ms"] - figures["predict_ms"], abs=1e-3)
+        assert mixed["in_server_inference_ms"] > 0
     assert variant["server_exit_status"] == 0
 
     mpi = only_record(tmp_path, "mpi_scaling")
@@ -233,6 +241,8 @@ def test_the_report_reads_the_committed_records(tmp_path):
 
 @pytest.mark.parametrize("script, args, status, message", [
     ("serving_load.py", ["--depth", "7"], 2, "Error: argument --depth"),
+    ("serving_load.py", ["--overhead-rounds", "-1", "--quick"], 1,
+     "Error: --overhead-rounds must not be negative"),
     ("serving_load.py", ["--test-zip", "/nonexistent/test.zip", "--quick"], 1,
      "Error: CIFAR-10 test images not found"),
     ("mpi_scaling.py", ["--cifar10", "/nonexistent"], 1, "Error: /nonexistent/train.zip not found"),
