@@ -215,6 +215,23 @@ def answer_is_valid(body: Body, status: int, data: bytes) -> bool:
 
 # --- the load generator ----------------------------------------------------------------------
 
+def post_timed(connection: http.client.HTTPConnection, path: str, body: Body,
+               headers: dict[str, str]) -> tuple[float, str | None]:
+    """POST ``body``: seconds until the last byte of the answer, and what is wrong with the
+    answer (None: a 200 of the right shape), checked after the time is taken.
+
+    :raises OSError, http.client.HTTPException: when the connection breaks.
+    """
+    start = time.perf_counter()
+    connection.request("POST", path, body.data, headers)
+    response = connection.getresponse()
+    data = response.read()
+    elapsed = time.perf_counter() - start
+    if answer_is_valid(body, response.status, data):
+        return elapsed, None
+    return elapsed, f"status {response.status}: {data[:200]!r}"
+
+
 def run_load(port: int, body: Body, concurrency: int, max_requests: int, time_limit: float,
              request_timeout: float, path: str = "/invocations") -> dict[str, Any]:
     """POST ``body`` to ``path`` from ``concurrency`` threads until ``max_requests``/``time_limit``.
@@ -242,20 +259,13 @@ def run_load(port: int, body: Body, concurrency: int, max_requests: int, time_li
                     if issued >= max_requests or time.perf_counter() >= deadline:
                         return
                     issued += 1
-                start = time.perf_counter()
                 try:
-                    connection.request("POST", path, body.data, headers)
-                    response = connection.getresponse()
-                    data = response.read()
-                    elapsed = time.perf_counter() - start  # the answer is in: checked untimed
-                    ok = answer_is_valid(body, response.status, data)
-                    problem = f"status {response.status}: {data[:200]!r}"
+                    elapsed, problem = post_timed(connection, path, body, headers)
                 except (OSError, http.client.HTTPException) as exc:
-                    elapsed = time.perf_counter() - start
                     connection.close()  # reconnects on the next request
-                    ok, problem = False, f"{type(exc).__name__}: {exc}"
+                    elapsed, problem = 0.0, f"{type(exc).__name__}: {exc}"
                 with lock:
-                    if ok:
+                    if problem is None:
                         latencies.append(elapsed)
                     else:
                         errors.append(problem)
@@ -696,53 +706,63 @@ def interleaved_overhead(port: int, path: str, child: PredictChild, bodies: list
             continue
         calls = max(1, min(ROUND_CALLS, round(ROUND_SECONDS * 1000 / max(first["predict_ms"],
                                                                          0.01))))
-        headers = {"Content-Type": body.content_type, "Accept": body.accept}
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=args.request_timeout)
         before = server_sums(port) if reads_metrics else None
-        bare: list[float] = []
-        served: list[float] = []
-        rounds: list[float] = []
-        errors: list[str] = []
-        try:
-            for number in range(args.overhead_rounds):
-                round_bare: list[float] = []
-                round_served: list[float] = []
-                for side in ((0, 1) if number % 2 == 0 else (1, 0)):
-                    if side == 0:
-                        round_bare = child.predict(body.name, ROUND_WARM + calls)[ROUND_WARM:]
-                        continue
-                    for call in range(ROUND_WARM + calls):
-                        start = time.perf_counter()
-                        connection.request("POST", path, body.data, headers)
-                        response = connection.getresponse()
-                        data = response.read()
-                        elapsed = time.perf_counter() - start
-                        if not answer_is_valid(body, response.status, data):
-                            errors.append(f"status {response.status}: {data[:200]!r}")
-                        elif call >= ROUND_WARM:
-                            round_served.append(elapsed)
-                bare += round_bare
-                served += round_served
-                if round_served:
-                    rounds.append(round(1000 * (statistics.median(round_served)
-                                                - statistics.median(round_bare)), 3))
-        except (OSError, http.client.HTTPException) as exc:
-            errors.append(f"{type(exc).__name__}: {exc}")
-        finally:
-            connection.close()
-        figures: dict[str, Any] = {"rounds": args.overhead_rounds, "calls_per_round": calls,
-                                   "errors": len(errors), "first_errors": errors[:3]}
-        if served and bare:
-            figures.update({
-                "served_p50_ms": round(1000 * statistics.median(served), 3),
-                "predict_ms": round(1000 * statistics.median(bare), 3),
-                "overhead_ms_rounds": rounds,
-            })
+        figures = interleave(port, path, child, body, calls, args.overhead_rounds,
+                             args.request_timeout)
         if before is not None:
             threads = inference_threads(before, server_sums(port))
             figures["in_server_inference_ms"] = threads["inference_ms"]
         out[body.name] = figures
     return out
+
+
+def interleave(port: int, path: str, child: PredictChild, body: Body, calls: int,
+               rounds: int, timeout: float) -> dict[str, Any]:
+    """One body's rounds of :func:`interleaved_overhead`."""
+    headers = {"Content-Type": body.content_type, "Accept": body.accept}
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    bare: list[float] = []
+    served: list[float] = []
+    differences: list[float] = []
+    errors: list[str] = []
+
+    def bare_side() -> list[float]:
+        return child.predict(body.name, ROUND_WARM + calls)[ROUND_WARM:]
+
+    def served_side() -> list[float]:
+        seconds = []
+        for call in range(ROUND_WARM + calls):
+            elapsed, problem = post_timed(connection, path, body, headers)
+            if problem is not None:
+                errors.append(problem)
+            elif call >= ROUND_WARM:
+                seconds.append(elapsed)
+        return seconds
+
+    try:
+        for number in range(rounds):
+            if number % 2 == 0:
+                round_bare, round_served = bare_side(), served_side()
+            else:
+                round_served, round_bare = served_side(), bare_side()
+            bare += round_bare
+            served += round_served
+            if round_served:
+                differences.append(round(1000 * (statistics.median(round_served)
+                                                 - statistics.median(round_bare)), 3))
+    except (OSError, http.client.HTTPException) as exc:
+        errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        connection.close()
+    figures: dict[str, Any] = {"rounds": rounds, "calls_per_round": calls,
+                               "errors": len(errors), "first_errors": errors[:3]}
+    if served and bare:
+        figures.update({
+            "served_p50_ms": round(1000 * statistics.median(served), 3),
+            "predict_ms": round(1000 * statistics.median(bare), 3),
+            "overhead_ms_rounds": differences,
+        })
+    return figures
 
 
 #: Sums in smchainer-serve's /metrics that say what its inference threads did.
