@@ -37,7 +37,11 @@ complete request heads:
   call lets go of the GIL and waits to get it back behind the pool and
   inference threads. This worker writes it every :data:`HEARTBEAT_SECONDS`
   (or a quarter of its timeout, when shorter), its loop waking for it when
-  idle, far within the master's timeout.
+  idle, far within the master's timeout. gthread's look at whether the master
+  still lives (``getppid``, every turn) keeps the same pace.
+- **Kept-alive connections are read at once.** When one turns readable, its
+  head is read in the same turn of the loop, the socket staying registered
+  (gthread unregisters it, registers it again and reads on the next turn).
 - **Protocol errors in JSON.** gunicorn answers requests it cannot parse
   itself, with an HTML page written by :func:`gunicorn.util.write_error`,
   and offers no setting for that body. A worker of this class is a serving
@@ -110,6 +114,7 @@ class ServingWorker(ThreadWorker):
         self._sibling_ready = False
         self._heartbeat_every = min(HEARTBEAT_SECONDS, self.timeout / 4)
         self._last_heartbeat = -float("inf")
+        self._checked_parent = -float("inf")
         super().init_process()
 
     def run(self) -> None:
@@ -120,6 +125,14 @@ class ServingWorker(ThreadWorker):
                 markers = getattr(self.wsgi, name, None)
                 if markers is not None:
                     markers.clear()
+
+    def is_parent_alive(self) -> bool:
+        """gthread's check that the master still lives, at the heartbeat's pace."""
+        now = time.monotonic()
+        if now - self._checked_parent < self._heartbeat_every:
+            return True
+        self._checked_parent = now
+        return bool(super().is_parent_alive())
 
     def notify(self) -> None:
         """The heartbeat, at most every ``_heartbeat_every`` seconds (see the module docstring)."""
@@ -199,13 +212,21 @@ class ServingWorker(ThreadWorker):
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_head_bytes, conn))
 
     def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
-        """A kept-alive connection has its next request coming: read its head here too."""
+        """A kept-alive connection has its next request coming: read its head here too.
+
+        The socket stays registered (``modify`` with the same events only swaps
+        the callback, no system call) and non-blocking, as gthread left it,
+        and its bytes are read at once rather than on the loop's next turn.
+        """
         if self.cfg.is_ssl:
             super().on_client_socket_readable(conn, client)
             return
-        self.poller.unregister(client)
         self.keepalived_conns.remove(conn)
-        self.await_head(conn)
+        conn.head = bytearray()
+        conn.timeout = time.monotonic() + self.client_timeout
+        self.pending_conns.append(conn)
+        self.poller.modify(client, selectors.EVENT_READ, partial(self.on_head_bytes, conn))
+        self.on_head_bytes(conn, client)
 
     def _drop_pending(self, conn: TConn) -> None:
         try:

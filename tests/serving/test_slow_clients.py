@@ -135,6 +135,38 @@ def test_a_client_that_stalls_its_head_is_dropped_after_the_client_timeout(serve
         assert 2.5 < time.monotonic() - started < 6
 
 
+def read_answer(sock: socket.socket) -> tuple[int, bytes]:
+    """One HTTP answer from a raw socket: its status and body (nothing read past it)."""
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    return response.status, response.read()
+
+
+def test_a_kept_alive_connections_next_heads_may_come_in_pieces_together_or_never(
+        server) -> None:
+    """A kept-alive connection's next head is read on the loop as soon as it is readable."""
+    with connect(server.port) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        for piece in (b"GET /execution-para", b"meters HTTP/1.1\r\nHo", b"st: x\r\n\r\n"):
+            sock.sendall(piece)
+            time.sleep(0.3)
+        status, body = read_answer(sock)
+        assert status == 200 and b"MaxPayloadInMB" in body, body
+        # Two whole requests in one write: both answered, in order.
+        sock.sendall(b"GET /execution-parameters HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_answer(sock)[0] == 200
+        assert read_answer(sock)[0] == 404
+        # A head that stalls on a kept-alive connection is dropped after the client timeout.
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost")
+        started = time.monotonic()
+        sock.settimeout(10)
+        assert sock.recv(4096) == b""
+        assert 2.5 < time.monotonic() - started < 6
+    assert max(ping_times(server, count=2)) < 1.0
+
+
 def test_ping_answers_while_every_thread_waits_for_an_inference(server) -> None:
     replies: list[int] = []
 

@@ -6,6 +6,8 @@ every late body's read ended at its deadline, no early one ever.
 """
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import time
 
@@ -32,6 +34,7 @@ def bare_worker(timeout: float) -> ServingWorker:
     worker.tmp = CountingTmp()
     worker._heartbeat_every = min(HEARTBEAT_SECONDS, timeout / 4)
     worker._last_heartbeat = -float("inf")
+    worker._checked_parent = -float("inf")
     worker._accepting = False
     return worker
 
@@ -58,6 +61,26 @@ def test_an_idle_loop_wakes_in_time_for_the_next_heartbeat(monkeypatch) -> None:
     worker._last_heartbeat -= 10  # long overdue: no wait at all
     worker.wait_for_and_dispatch_events(1.0)
     assert waits[-1] == 0.0
+
+
+def test_the_parent_is_looked_at_once_per_heartbeat_interval(monkeypatch) -> None:
+    calls: list[int] = []
+    parent = [4242]
+
+    def getppid() -> int:
+        calls.append(1)
+        return parent[0]
+
+    monkeypatch.setattr(os, "getppid", getppid)
+    worker = bare_worker(timeout=0.4)  # every 0.1 s
+    worker.ppid = 4242
+    worker.log = logging.getLogger("test-worker")
+    assert all(worker.is_parent_alive() for _ in range(1000))
+    assert len(calls) == 1
+    parent[0] = 1  # the master died: the worker was re-parented
+    time.sleep(0.12)
+    assert not worker.is_parent_alive()
+    assert len(calls) == 2
 
 
 def test_heartbeat_files_go_to_a_memory_file_system_when_there_is_one(monkeypatch,
@@ -125,3 +148,12 @@ def test_bodies_read_in_time_are_never_cut_and_late_ones_always_are(pairs,
         peer.sendall(b"x")
         ours.settimeout(1)
         assert ours.recv(1) == b"x"  # still open for reading
+
+
+def test_the_access_line_is_logged_when_the_server_closes_the_sent_answer(caplog) -> None:
+    answer = app_module.Answer(b"payload", ("POST", "/invocations", 200, 12.34, 3))
+    with caplog.at_level(logging.INFO, logger="smchainer.serving.access"):
+        assert list(answer) == [b"payload"]
+        assert not caplog.records  # the body goes out first
+        answer.close()
+    assert [r.getMessage() for r in caplog.records] == ["POST /invocations 200 12.3ms worker=3"]
