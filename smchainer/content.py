@@ -240,10 +240,16 @@ def npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     try:
         version = np.lib.format.read_magic(stream)
     except ValueError:
+        if head[:6] == NPY_MAGIC:
+            raise BadRequest(f"npy body is cut short: {len(head)} bytes, with no complete "
+                             "version and header length after the magic") from None
         raise BadRequest(
             f"body is not an npy file: it starts with {head[:8]!r}, not the npy magic "
             "b'\\x93NUMPY'"
         ) from None
+    if version == (3, 0):
+        stream = io.BytesIO(_npy_v3_as_v2(head))
+        np.lib.format.read_magic(stream)
     try:
         if version == (1, 0):
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
@@ -255,7 +261,28 @@ def npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
         raise BadRequest("npy body holds pickled objects, which are never loaded")
     if any(dimension < 0 for dimension in shape):
         raise BadRequest(f"npy header declares a negative dimension: shape {list(shape)}")
-    return tuple(shape), bool(fortran_order), dtype, stream.tell()
+    return tuple(shape), bool(fortran_order), dtype, len(head)
+
+
+#: The six bytes every npy file starts with.
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def _npy_v3_as_v2(head: bytes) -> bytes:
+    """A version-3.0 npy header (UTF-8) as the same header in version 2.0 (Latin-1).
+
+    NumPy's public readers read versions 1.0 and 2.0 only; 3.0 differs just
+    in its encoding (UTF-8, for field names beyond Latin-1). Every character
+    past ASCII becomes its escape, which means the same character inside the
+    header's string literals (and a syntax error anywhere else). Header bytes
+    that are not UTF-8 are a 400.
+    """
+    try:
+        text = head[12:].decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadRequest(f"npy version 3.0 header is not UTF-8: {error}") from None
+    escaped = text.encode("ascii", "backslashreplace")
+    return NPY_MAGIC + b"\x02\x00" + len(escaped).to_bytes(4, "little") + escaped
 
 
 def _finite_float(text: str) -> float:

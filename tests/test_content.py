@@ -151,16 +151,41 @@ def test_npy_answers_are_the_bytes_numpy_save_writes(array) -> None:
         assert content.encode_npy(array) == buffer.getvalue()  # the cached header, again
 
 
-@pytest.mark.parametrize("array", NPY_LAYOUTS[:-1], ids=lambda a: f"{a.dtype}-{a.shape}")
+@pytest.mark.parametrize("array", NPY_LAYOUTS, ids=lambda a: f"{a.dtype}-{a.shape}")
 def test_npy_bodies_decode_as_numpy_load_reads_them(array) -> None:
     buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
+    with warnings.catch_warnings():  # NumPy says when it needs format 3.0
+        warnings.simplefilter("ignore", UserWarning)
+        np.save(buffer, array, allow_pickle=False)
     for _ in range(2):  # parsed, then from the header cache
         decoded = content.decode_npy(buffer.getvalue())
         expected = np.load(io.BytesIO(buffer.getvalue()), allow_pickle=False)
         assert decoded.dtype == expected.dtype and decoded.shape == expected.shape
         np.testing.assert_array_equal(decoded, expected)
         assert decoded.flags.writeable
+
+
+def npy_v3(header: bytes) -> bytes:
+    padded = header + b" " * (-(12 + len(header) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x03\x00" + len(padded).to_bytes(4, "little") + padded
+
+
+def test_npy_format_3_headers_are_read_as_utf8_and_malformed_ones_refused() -> None:
+    name = "\u540d\u524d"
+    header = "{'descr': [('" + name + "', '<f4')], 'fortran_order': False, 'shape': (2,), }"
+    decoded = content.decode_npy(npy_v3(header.encode()) + bytes(8))
+    assert decoded.dtype.names == (name,) and decoded.shape == (2,)
+    with pytest.raises(BadRequest, match="not UTF-8"):
+        content.decode_npy(npy_v3(header.encode().replace(b"\xe5", b"\xff")) + bytes(8))
+    outside = "{'descr': '<f4', 'fortran_order': False, 'shape': (2,), \u540d}"
+    with pytest.raises(BadRequest, match="malformed header"):  # beyond ASCII outside a string
+        content.decode_npy(npy_v3(outside.encode()) + bytes(8))
+
+
+@pytest.mark.parametrize("body", [b"\x93NUMPY", b"\x93NUMPY\x01"])
+def test_an_npy_body_cut_short_after_its_magic_says_so(body) -> None:
+    with pytest.raises(BadRequest, match="cut short"):
+        content.decode_npy(body)
 
 
 def test_a_cached_npy_header_still_checks_each_body_length() -> None:
