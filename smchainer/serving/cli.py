@@ -103,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default ${config.MAX_BATCH_DELAY_ENV}, else {config.DEFAULT_MAX_BATCH_DELAY_MS:g})",
     )
     parser.add_argument(
+        "--cpu-affinity", choices=config.CPU_AFFINITY_MODES,
+        help="auto: with more than one worker and at least as many CPUs, worker i is bound "
+        "to the i-th of --workers equal blocks of the CPUs the server may use, so that its "
+        "threads hand requests to each other on the CPUs that hold its caches; none: the "
+        f"kernel places them (default ${config.CPU_AFFINITY_ENV}, else "
+        f"{config.DEFAULT_CPU_AFFINITY})",
+    )
+    parser.add_argument(
         "--timeout", metavar="SECONDS",
         help="an /invocations request that takes longer gets 504 (default "
         f"${config.TIMEOUT_ENV}, else {config.DEFAULT_TIMEOUT})",
@@ -199,6 +207,11 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
                       if args.client_timeout is not None
                       else config.from_env(config.CLIENT_TIMEOUT_ENV,
                                            config.DEFAULT_CLIENT_TIMEOUT))
+    cpu_affinity = (args.cpu_affinity or os.environ.get(config.CPU_AFFINITY_ENV, "").strip().lower()
+                    or config.DEFAULT_CPU_AFFINITY)
+    if cpu_affinity not in config.CPU_AFFINITY_MODES:
+        raise UsageError(f"{config.CPU_AFFINITY_ENV}={cpu_affinity!r}: use "
+                         f"{' or '.join(config.CPU_AFFINITY_MODES)}")
     port = config.positive_int(args.port, "--port") if args.port is not None else None
     host, port = config.parse_bind(args.bind, port)
     default_accept = os.environ.get(config.DEFAULT_ACCEPT_ENV, "").strip() or config.DEFAULT_ACCEPT
@@ -238,6 +251,7 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
         default_accept=default_accept, log_level=log_level, metrics_dir=metrics_dir,
         auth_token=auth_token, client_timeout=client_timeout, model_name=model_name,
         max_batch_size=max_batch_size, max_batch_delay_ms=max_batch_delay_ms,
+        cpu_affinity=cpu_affinity,
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from smchainer.serving.settings import GRACEFUL_TIMEOUT, ServerSettings
+from smchainer.serving.settings import GRACEFUL_TIMEOUT, ServerSettings, worker_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,8 @@ WORKER_CLASS = "smchainer.serving.worker.ServingWorker"
 #: Another gunicorn worker class instead (``gthread``), for comparisons such as
 #: ``benchmarks/serving_faults.py``'s; the server's guarantees hold with the default only.
 WORKER_CLASS_ENV = "SMCHAINER_WORKER_CLASS"
+#: In a worker bound to its own CPUs: how many (for the plugins' thread counts).
+WORKER_CPUS_ENV = "SMCHAINER_WORKER_CPUS"
 
 
 #: Where the workers' heartbeat files go when it exists: a memory file system.
@@ -64,6 +66,32 @@ def pre_fork(server: Any, worker: Any) -> None:
     while index in taken:
         index += 1
     worker.smchainer_index = index
+
+
+def post_fork(server: Any, worker: Any) -> None:
+    """In the new worker, before any thread of its own: bind it to its CPUs (``auto``).
+
+    Its threads (event loop, pool, inference, and the inference library's
+    own) inherit the binding, so a request's hand-offs between them wake a
+    thread on a CPU of the same block rather than a halted one elsewhere,
+    and the other workers' inferences do not evict its caches.
+    """
+    settings = server.app.settings
+    if settings.cpu_affinity != "auto" or not hasattr(os, "sched_setaffinity"):
+        return
+    cpus = worker_cpus(os.sched_getaffinity(0), settings.workers,
+                       getattr(worker, "smchainer_index", 0))
+    if cpus is None:
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+    except OSError as error:  # a container that forbids it: run unbound
+        logger.warning("worker %s could not be bound to CPUs %s: %s",
+                       getattr(worker, "smchainer_index", 0), sorted(cpus), error)
+        return
+    os.environ[WORKER_CPUS_ENV] = str(len(cpus))  # the inference libraries' thread count
+    logger.info("worker %s bound to CPUs %s", getattr(worker, "smchainer_index", 0),
+                ",".join(map(str, sorted(cpus))))
 
 
 def child_exit(server: Any, worker: Any) -> None:
@@ -111,6 +139,7 @@ class ServingApplication(BaseApplication):
             "proc_name": "smchainer-serve",
             "control_socket_disable": True,
             "pre_fork": pre_fork,
+            "post_fork": post_fork,
             "post_worker_init": post_worker_init,
             "child_exit": child_exit,
         }

@@ -26,6 +26,7 @@ AUTH_TOKEN_FILE_ENV = "SMCHAINER_AUTH_TOKEN_FILE"
 MODEL_NAME_ENV = "SMCHAINER_MODEL_NAME"
 MAX_BATCH_SIZE_ENV = "SMCHAINER_MAX_BATCH_SIZE"
 MAX_BATCH_DELAY_ENV = "SMCHAINER_MAX_BATCH_DELAY_MS"
+CPU_AFFINITY_ENV = "SMCHAINER_CPU_AFFINITY"
 
 DEFAULT_PORT = 8080
 #: Loopback, as local model servers bind by default: a container passes --bind 0.0.0.0.
@@ -42,6 +43,9 @@ DEFAULT_MODEL_NAME = "model"
 DEFAULT_MAX_BATCH_SIZE = 16
 #: ... and how long the first request of a batch waits for others on their way.
 DEFAULT_MAX_BATCH_DELAY_MS = 5.0
+#: Where workers run: "auto", each on its own share of the CPUs; "none", where the kernel puts them.
+CPU_AFFINITY_MODES = ("auto", "none")
+DEFAULT_CPU_AFFINITY = "auto"
 #: The most a model archive may hold once extracted (a gzip bomb guard).
 DEFAULT_MAX_MODEL_SIZE = "4G"
 #: SageMaker sends SIGKILL 30 s after SIGTERM; in-flight requests get a little less.
@@ -74,6 +78,8 @@ ENVIRONMENT = (
      f"holds, 1 for none (--max-batch-size); default {DEFAULT_MAX_BATCH_SIZE}"),
     (MAX_BATCH_DELAY_ENV, "dynamic batching: milliseconds a batch waits for requests still "
      f"arriving (--max-batch-delay-ms); default {DEFAULT_MAX_BATCH_DELAY_MS:g}"),
+    (CPU_AFFINITY_ENV, "auto: each worker bound to its own share of the CPUs, none: left to "
+     f"the kernel (--cpu-affinity); default {DEFAULT_CPU_AFFINITY}"),
     ("SMCHAINER_LOAD_PLUGINS", "comma-separated names: load only these installed plugins"),
     ("SMCHAINER_DISABLE_PLUGIN_AUTOLOAD", "1: load no installed plugin"),
     ("SMCHAINER_DEVICE", "cpu: keep every worker on the CPU even when GPUs are visible"),
@@ -110,6 +116,8 @@ class ServerSettings:
     max_batch_size: int = 1
     #: dynamic batching: how long a batch waits for requests still arriving
     max_batch_delay_ms: float = DEFAULT_MAX_BATCH_DELAY_MS
+    #: "auto": each worker on its own share of the CPUs (:func:`worker_cpus`); "none"
+    cpu_affinity: str = DEFAULT_CPU_AFFINITY
 
     @property
     def bind(self) -> str:
@@ -192,3 +200,21 @@ def parse_bind(bind: str | None, port: int | None) -> tuple[str, int]:
     if not 1 <= port <= 65535:
         raise UsageError(f"port {port} is out of range 1-65535")
     return host, port
+
+
+def worker_cpus(allowed: set[int], workers: int, index: int) -> set[int] | None:
+    """The CPUs worker ``index`` of ``workers`` is bound to with ``--cpu-affinity auto``.
+
+    ``allowed`` (the CPUs the server may use, in order) is cut into
+    ``workers`` contiguous blocks whose sizes differ by one at most, and
+    worker ``index`` takes block ``index`` (a replacement worker has the
+    index of the one it replaces). None, for no binding, with one worker
+    (it has every CPU anyway) or more workers than CPUs (a block would be
+    shared).
+    """
+    cpus = sorted(allowed)
+    if workers <= 1 or workers > len(cpus) or not 0 <= index < workers:
+        return None
+    size, extra = divmod(len(cpus), workers)
+    start = index * size + min(index, extra)
+    return set(cpus[start:start + size + (1 if index < extra else 0)])

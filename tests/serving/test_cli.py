@@ -16,7 +16,7 @@ from tests.serving.conftest import MODEL_FN, make_model_dir
 OPTIONS = ["--model-dir", "--entry-point", "--workers", "--threads", "--timeout", "--bind",
            "--port", "--max-payload-mb", "--max-model-size", "--auth-token-file",
            "--client-timeout", "--log-level", "--endpoint-url", "--debug", "--version",
-           "--max-batch-size", "--max-batch-delay-ms", "--model-name"]
+           "--max-batch-size", "--max-batch-delay-ms", "--model-name", "--cpu-affinity"]
 
 
 def serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -35,7 +35,8 @@ def test_help_documents_every_option_and_environment_variable():
                  "SAGEMAKER_MAX_PAYLOAD_IN_MB", "SAGEMAKER_BIND_TO_PORT", "SAGEMAKER_PROGRAM",
                  "SAGEMAKER_DEFAULT_INVOCATIONS_ACCEPT", "SAGEMAKER_CONTAINER_LOG_LEVEL",
                  "SMCHAINER_LOAD_PLUGINS", "SMCHAINER_DISABLE_PLUGIN_AUTOLOAD",
-                 "AWS_ENDPOINT_URL", "SMCHAINER_MAX_BATCH_SIZE", "SMCHAINER_MAX_BATCH_DELAY_MS"]:
+                 "AWS_ENDPOINT_URL", "SMCHAINER_MAX_BATCH_SIZE", "SMCHAINER_MAX_BATCH_DELAY_MS",
+                 "SMCHAINER_CPU_AFFINITY"]:
         assert name in names and name in result.stdout, name
 
 
@@ -74,9 +75,12 @@ def error_line(result: subprocess.CompletedProcess) -> str:
     (["--max-batch-delay-ms", "-1"], {}, ["--max-batch-delay-ms", "from 0 to 10000"]),
     (["--max-batch-delay-ms", "nan"], {}, ["--max-batch-delay-ms", "from 0 to 10000"]),
     ([], {"SMCHAINER_MAX_BATCH_DELAY_MS": "1e9"}, ["SMCHAINER_MAX_BATCH_DELAY_MS", "10000"]),
+    (["--cpu-affinity", "all"], {}, ["--cpu-affinity", "auto", "none"]),
+    ([], {"SMCHAINER_CPU_AFFINITY": "cores"}, ["SMCHAINER_CPU_AFFINITY", "auto or none"]),
 ], ids=["workers", "timeout", "env-workers", "env-payload", "bind-and-port", "log-level",
         "unknown-option", "program", "default-accept", "entry-point", "batch-size",
-        "env-batch-size", "batch-delay", "batch-delay-nan", "env-batch-delay"])
+        "env-batch-size", "batch-delay", "batch-delay-nan", "env-batch-delay", "cpu-affinity",
+        "env-cpu-affinity"])
 def test_usage_errors_exit_2(model_dir, args, env, words):
     result = serve("--model-dir", str(model_dir), "--bind", f"127.0.0.1:{free_port()}",
                    *args, env=env)

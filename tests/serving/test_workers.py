@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from smchainer.serving.gunicorn_app import pre_fork
+from smchainer.serving.settings import worker_cpus
 from tests.serving.conftest import MODEL_FN, inputs, make_model_dir, npy_bytes, predict_directly
 
 COUNTING_MODEL_FN = MODEL_FN.replace(
@@ -85,6 +86,41 @@ def test_metrics_are_summed_over_the_workers(server):
     assert len({info["pid"] for info in infos}) == 2, after
 
 
+def test_each_worker_runs_on_its_own_share_of_the_cpus(server):
+    pids = worker_infos(server.request("GET", "/metrics").body.decode())
+    allowed = os.sched_getaffinity(0)
+    blocks = {index: os.sched_getaffinity(int(pid)) for index, pid in pids.items()}
+    if len(allowed) < 2:  # one CPU: nothing to share out
+        assert blocks == {"0": allowed, "1": allowed}
+        return
+    assert blocks == {"0": worker_cpus(allowed, 2, 0), "1": worker_cpus(allowed, 2, 1)}
+    assert not blocks["0"] & blocks["1"] and blocks["0"] | blocks["1"] == allowed
+    assert "worker 0 bound to CPUs" in server.log() and "worker 1 bound to CPUs" in server.log()
+
+
+def test_with_cpu_affinity_none_the_workers_keep_every_cpu(start_server, model_dir, markers):
+    server = start_server(["--model-dir", str(model_dir), "--workers", "2",
+                           "--cpu-affinity", "none"], env={"MARKERS": str(markers)})
+    deadline = time.monotonic() + 30
+    while len(pids := worker_infos(server.request("GET", "/metrics").body.decode())) < 2:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.05)
+    for pid in pids.values():
+        assert os.sched_getaffinity(int(pid)) == os.sched_getaffinity(0)
+    assert "bound to CPUs" not in server.log()
+
+
+@pytest.mark.parametrize(("cpus", "workers", "blocks"), [
+    (range(8), 3, [{0, 1, 2}, {3, 4, 5}, {6, 7}]),
+    (range(4), 2, [{0, 1}, {2, 3}]),
+    ({1, 5, 9}, 3, [{1}, {5}, {9}]),  # the CPUs the server may use, not 0..n
+    (range(2), 3, [None, None, None]),  # more workers than CPUs: none bound
+    (range(8), 1, [None]),  # one worker has every CPU anyway
+])
+def test_cpus_are_cut_into_one_contiguous_block_per_worker(cpus, workers, blocks):
+    assert [worker_cpus(set(cpus), workers, index) for index in range(workers)] == blocks
+
+
 def test_worker_indices_are_the_lowest_free_ones():
     def worker(index=None):
         w = types.SimpleNamespace()
@@ -129,6 +165,8 @@ def test_counters_survive_a_killed_worker_and_its_gauges_go_with_it(server):
         assert time.monotonic() < deadline, text
         time.sleep(0.1)
     assert now["1"] == pids["1"]
+    allowed = os.sched_getaffinity(0)  # the server's CPUs: those of the test that started it
+    assert os.sched_getaffinity(int(now["0"])) == (worker_cpus(allowed, 2, 0) or allowed)
     assert metric(text, name) == metric(before, name)  # the dead worker's requests still count
     assert server.post(b"[[1, 2, 3, 4]]", "application/json").status == 200
     assert metric(server.request("GET", "/metrics").body.decode(), name) == metric(before,

@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 THREADS_ENV = "SMCHAINER_ONNX_THREADS"
 WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
+#: Set by smchainer-serve in a worker it bound to its own CPUs (``--cpu-affinity auto``).
+WORKER_CPUS_ENV = "SMCHAINER_WORKER_CPUS"
 #: Cached files are ``smchainer-onnx-<key>.onnx`` in the model directory.
 CACHE_PREFIX = "smchainer-onnx-"
 #: Batch size of the export trace; not 1, so the batch axis stands out.
@@ -53,15 +55,20 @@ class OutputMismatch(SmchainerError):
 def intra_op_threads(environ: Mapping[str, str] | None = None) -> int:
     """ONNX Runtime intra-op threads for one server worker.
 
-    ``SMCHAINER_ONNX_THREADS`` when set, else ``max(1, cpus // workers)``
-    with ``workers`` from ``SAGEMAKER_MODEL_SERVER_WORKERS`` (default: one
-    worker per CPU, as the server starts).
+    ``SMCHAINER_ONNX_THREADS`` when set; else, in a worker the server bound
+    to its own CPUs, their number (``SMCHAINER_WORKER_CPUS``); else
+    ``max(1, cpus // workers)`` with ``workers`` from
+    ``SAGEMAKER_MODEL_SERVER_WORKERS`` (default: one worker per CPU, as the
+    server starts).
 
     :raises SmchainerError: when either variable is not a positive integer.
     """
     explicit = env_positive_int(THREADS_ENV, None, environ)
     if explicit is not None:
         return explicit
+    bound = env_positive_int(WORKER_CPUS_ENV, None, environ)
+    if bound is not None:
+        return bound
     cpus = cpu_count()
     workers = env_positive_int(WORKERS_ENV, cpus, environ)
     return max(1, cpus // workers)

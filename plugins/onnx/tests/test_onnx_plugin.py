@@ -300,6 +300,10 @@ def test_threads_share_the_cpus_among_gunicorn_workers(tmp_path, monkeypatch) ->
     assert intra_op_threads({"SAGEMAKER_MODEL_SERVER_WORKERS": str(cpus * 4)}) == 1
     assert intra_op_threads({"SMCHAINER_ONNX_THREADS": "3",
                              "SAGEMAKER_MODEL_SERVER_WORKERS": "64"}) == 3
+    # A worker the server bound to its own 3 CPUs uses them, whatever the worker count.
+    assert intra_op_threads({"SMCHAINER_WORKER_CPUS": "3",
+                             "SAGEMAKER_MODEL_SERVER_WORKERS": "64"}) == 3
+    assert intra_op_threads({"SMCHAINER_ONNX_THREADS": "2", "SMCHAINER_WORKER_CPUS": "3"}) == 2
     for bad in ("0", "-2", "many"):
         with pytest.raises(SmchainerError, match="SMCHAINER_ONNX_THREADS"):
             intra_op_threads({"SMCHAINER_ONNX_THREADS": bad})
