@@ -943,6 +943,9 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         record["settings"] = {
             "workers": args.workers, "threads_per_worker": args.threads,
             "server_threads": "smchainer-serve default (gthread)",
+            # smchainer-serve binds each worker to its own CPUs unless told not to; the
+            # TorchServe peer and the bare predict_fn process are not bound.
+            "cpu_affinity": os.environ.get("SMCHAINER_CPU_AFFINITY", "").strip() or "auto",
             "concurrency": list(args.concurrency), "max_requests": args.max_requests,
             "time_limit_s": args.time_limit, "request_timeout_s": args.request_timeout,
             "predict_repeats": args.predict_repeats, "overhead_rounds": args.overhead_rounds,
