@@ -190,6 +190,8 @@ def match_media_range(media_range: str, supported: tuple[str, ...]) -> str | Non
 
 #: Distinct npy headers whose parse is kept (clients send the same few shapes).
 NPY_HEADER_CACHE = 256
+#: The six bytes every npy file starts with.
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def decode_npy(body: bytes) -> np.ndarray:
@@ -262,10 +264,6 @@ def npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     if any(dimension < 0 for dimension in shape):
         raise BadRequest(f"npy header declares a negative dimension: shape {list(shape)}")
     return tuple(shape), bool(fortran_order), dtype, len(head)
-
-
-#: The six bytes every npy file starts with.
-NPY_MAGIC = b"\x93NUMPY"
 
 
 def _npy_v3_as_v2(head: bytes) -> bytes:

@@ -79,19 +79,17 @@ def post_fork(server: Any, worker: Any) -> None:
     settings = server.app.settings
     if settings.cpu_affinity != "auto" or not hasattr(os, "sched_setaffinity"):
         return
-    cpus = worker_cpus(os.sched_getaffinity(0), settings.workers,
-                       getattr(worker, "smchainer_index", 0))
+    index = getattr(worker, "smchainer_index", 0)
+    cpus = worker_cpus(os.sched_getaffinity(0), settings.workers, index)
     if cpus is None:
         return
     try:
         os.sched_setaffinity(0, cpus)
     except OSError as error:  # a container that forbids it: run unbound
-        logger.warning("worker %s could not be bound to CPUs %s: %s",
-                       getattr(worker, "smchainer_index", 0), sorted(cpus), error)
+        logger.warning("worker %s could not be bound to CPUs %s: %s", index, sorted(cpus), error)
         return
     os.environ[WORKER_CPUS_ENV] = str(len(cpus))  # the inference libraries' thread count
-    logger.info("worker %s bound to CPUs %s", getattr(worker, "smchainer_index", 0),
-                ",".join(map(str, sorted(cpus))))
+    logger.info("worker %s bound to CPUs %s", index, ",".join(map(str, sorted(cpus))))
 
 
 def child_exit(server: Any, worker: Any) -> None:

@@ -206,10 +206,14 @@ class ServingWorker(ThreadWorker):
     def await_head(self, conn: TConn) -> None:
         """Read ``conn``'s next head on the main loop, within the client timeout."""
         conn.sock.setblocking(False)
+        self._expect_head(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_head_bytes, conn))
+
+    def _expect_head(self, conn: TConn) -> None:
+        """``conn`` waits for its head from now on: an empty buffer and the client timeout."""
         conn.head = bytearray()
         conn.timeout = time.monotonic() + self.client_timeout
         self.pending_conns.append(conn)
-        self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_head_bytes, conn))
 
     def on_client_socket_readable(self, conn: TConn, client: Any) -> None:
         """A kept-alive connection has its next request coming: read its head here too.
@@ -222,9 +226,7 @@ class ServingWorker(ThreadWorker):
             super().on_client_socket_readable(conn, client)
             return
         self.keepalived_conns.remove(conn)
-        conn.head = bytearray()
-        conn.timeout = time.monotonic() + self.client_timeout
-        self.pending_conns.append(conn)
+        self._expect_head(conn)
         self.poller.modify(client, selectors.EVENT_READ, partial(self.on_head_bytes, conn))
         self.on_head_bytes(conn, client)
 
