@@ -186,7 +186,7 @@ class InferenceRunner:
         self._model = model
         #: where the queue's depth and each inference's time go, or None
         self._metrics = metrics
-        #: requests of this worker on their way to :meth:`submit` (read on a pool thread)
+        #: requests of this worker on their way to :meth:`submit` (bodies being read)
         self._arriving = 0
         self._local = threading.local()
         #: :func:`time.monotonic` when the running inference began; None when idle.
@@ -225,6 +225,11 @@ class InferenceRunner:
             yield
         finally:
             self._arrived()
+
+    def expect(self, change: int) -> None:
+        """Requests on their way counted up or down by a caller other than their thread."""
+        with self._lock:
+            self._arriving += change
 
     def _arrived(self) -> None:
         """This thread's request is no longer on its way (once; nothing if it was not)."""
@@ -426,8 +431,32 @@ class Answer:
         access_logger.info("%s %s %d %.1fms worker=%d", *self.line)
 
 
+@dataclass(slots=True)
+class DirectRequest:
+    """A request of the worker's direct path (:meth:`InferenceApp.start_direct`)."""
+
+    method: str
+    path: str
+    #: :func:`time.perf_counter` at its start, for its time in the metrics and the access line
+    started: float
+    #: the inference's future, while it runs
+    future: concurrent.futures.Future[Any] | None = None
+    #: :func:`time.monotonic` past which it is answered 504
+    deadline: float = 0.0
+    #: status line, headers and body, once known without an inference (a refusal)
+    answer: tuple[str, list[tuple[str, str]], Answer] | None = None
+    _claimed: threading.Lock = field(default_factory=threading.Lock)
+
+    def claim(self) -> bool:
+        """True for the first caller only: who answers (the inference's end, or its 504)."""
+        return self._claimed.acquire(blocking=False)
+
+
 class InferenceApp:
     """The WSGI callable of one worker."""
+
+    #: Paths the worker may serve on its event loop (:mod:`smchainer.serving.direct`).
+    direct_routes = frozenset({b"/invocations"})
 
     def __init__(self, hooks: Hooks, settings: ServerSettings,
                  metrics: WorkerMetrics | None = None) -> None:
@@ -515,6 +544,13 @@ class InferenceApp:
             response = self.dispatch(method, path, environ)
         except Exception as error:
             response = self.handle_error(error, method, path)
+        status, headers, answer = self.respond(method, path, started, response)
+        start_response(status, headers)
+        return answer
+
+    def respond(self, method: str, path: str, started: float,
+                response: Response) -> tuple[str, list[tuple[str, str]], Answer]:
+        """A request's status line, headers and body, its metrics counted."""
         elapsed = time.perf_counter() - started
         self.metrics.observe_request(path, response.status, elapsed)
         body = b"" if method == "HEAD" else response.body
@@ -522,14 +558,65 @@ class InferenceApp:
         if response.content_type is not None:
             headers.append(("Content-Type", response.content_type))
         headers.append(("Content-Length", str(len(body))))
-        start_response(status_line(response.status), headers)
-        return Answer(body, (method, path, response.status, elapsed * 1000, self.worker))
+        return (status_line(response.status), headers,
+                Answer(body, (method, path, response.status, elapsed * 1000, self.worker)))
+
+    # -- the direct path (the worker's event loop, :mod:`.direct`) ------------
+
+    def start_direct(self, environ: dict[str, Any], body: bytes,
+                     arrived: float | None = None) -> DirectRequest:
+        """Begin an ``/invocations`` request whose body the worker has read, without waiting.
+
+        The same checks, in the same order, as :meth:`invocations`; the
+        request comes back answered (a refusal) or with its inference's
+        future, for :meth:`finish_direct` once that is done or past its
+        deadline: ``--timeout`` from ``arrived`` (:func:`time.monotonic` when
+        its head was complete, so that the body's reading counts, as on the
+        pool's path), else from now.
+        """
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+        request = DirectRequest(method, path, time.perf_counter())
+        try:
+            refused = self.refusal(path, environ)
+            if refused is not None:
+                request.answer = self.respond(method, path, request.started, refused)
+                return request
+            deadline = (time.monotonic() if arrived is None else arrived) + self.settings.timeout
+            self.metrics.in_flight.inc()
+            try:
+                self.check_length(environ)
+                model = self.holder.require()
+                content_type, accepts = self.negotiate(environ)
+                request.future = self.submit_inference(model, body, content_type, accepts,
+                                                       deadline)
+            except BaseException:
+                self.metrics.in_flight.dec()
+                raise
+            request.deadline = deadline
+        except Exception as error:
+            request.answer = self.respond(method, path, request.started,
+                                          self.handle_error(error, method, path))
+        return request
+
+    def finish_direct(self, request: DirectRequest) -> tuple[str, list[tuple[str, str]], Answer]:
+        """The answer of a started direct request: its inference's, or 504 when not done yet."""
+        assert request.future is not None
+        self.metrics.in_flight.dec()
+        try:
+            payload, response_type = self.wait_for(request.future, deadline=0.0)
+            response = Response(200, payload, response_type)
+        except Exception as error:
+            response = self.handle_error(error, request.method, request.path)
+        return self.respond(request.method, request.path, request.started, response)
+
+    def body_on_its_way(self, coming: bool) -> None:
+        """A direct request's body is being read (True) or no longer (False): for the batcher."""
+        self.runner.expect(1 if coming else -1)
 
     def dispatch(self, method: str, path: str, environ: dict[str, Any]) -> Response:
-        if self.settings.auth_token is not None and path not in OPEN_PATHS:
-            refused = self.check_token(environ.get("HTTP_AUTHORIZATION"))
-            if refused is not None:
-                return refused
+        refused = self.refusal(path, environ)
+        if refused is not None:
+            return refused
         if path == "/v2" or path.startswith("/v2/models/"):
             return self.open_inference(method, path, environ)
         methods = self.routes.get(path)
@@ -541,6 +628,12 @@ class InferenceApp:
         if handler is None:
             return self.not_allowed(path, method, ", ".join(methods))
         return handler(environ)
+
+    def refusal(self, path: str, environ: dict[str, Any]) -> Response | None:
+        """The 401 when the server wants a token for ``path`` and the request lacks it."""
+        if self.settings.auth_token is None or path in OPEN_PATHS:
+            return None
+        return self.check_token(environ.get("HTTP_AUTHORIZATION"))
 
     def check_token(self, header: str | None) -> Response | None:
         """None when ``Authorization`` carries the server's bearer token; else the 401."""
@@ -632,16 +725,20 @@ class InferenceApp:
     def invocations(self, environ: dict[str, Any]) -> Response:
         deadline = time.monotonic() + self.settings.timeout
         with self.inference_request(environ) as model:
-            content_type = content.media_type(
-                environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
-            )
-            accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"),
-                                               self.default_accept,
-                                               self.hooks.media_types().encodes)
+            content_type, accepts = self.negotiate(environ)
             body = self.read_body(environ)
             future = self.submit_inference(model, body, content_type, accepts, deadline)
             payload, response_type = self.wait_for(future, deadline)
         return Response(200, payload, response_type)
+
+    def negotiate(self, environ: dict[str, Any]) -> tuple[str, list[str]]:
+        """The body's media type and the answer's acceptable ones, best first (406 if none)."""
+        content_type = content.media_type(
+            environ.get("CONTENT_TYPE") or environ.get("HTTP_CONTENTTYPE")
+        )
+        accepts = content.acceptable_types(environ.get("HTTP_ACCEPT"), self.default_accept,
+                                           self.hooks.media_types().encodes)
+        return content_type, accepts
 
     def submit_inference(self, model: Any, body: bytes, content_type: str, accepts: list[str],
                          deadline: float) -> concurrent.futures.Future[Any]:
@@ -748,22 +845,29 @@ class InferenceApp:
         from gunicorn.http.errors import NoMoreData, ParseException
 
         sock = environ.get("gunicorn.socket")
-        timeout = self.settings.client_timeout
-        token = (self.body_deadlines.watch(sock, time.monotonic() + timeout)
+        token = (self.body_deadlines.watch(sock, time.monotonic() + self.settings.client_timeout)
                  if sock is not None else None)
         try:
             body = self._read_body(environ)
         except (ParseException, NoMoreData, OSError) as error:
             if token is not None and not self.body_deadlines.release(token):
-                raise HTTPError(f"the request body did not arrive within {timeout} s "
-                                "(--client-timeout)", 408) from None
+                raise self.body_too_late() from None
             raise BadRequest(
                 f"the request body could not be read: {type(error).__name__}: {error}"
             ) from None
         if token is not None and not self.body_deadlines.release(token):
-            raise HTTPError(f"the request body did not arrive within {timeout} s "
-                            "(--client-timeout)", 408)
+            raise self.body_too_late()
         return body
+
+    def body_too_late(self) -> HTTPError:
+        return HTTPError(f"the request body did not arrive within {self.settings.client_timeout} "
+                         "s (--client-timeout)", 408)
+
+    def late_body(self, environ: dict[str, Any]) -> tuple[str, list[tuple[str, str]], Answer]:
+        """The 408 of a direct request whose body the worker waited for in vain."""
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
+        return self.respond(method, path, time.perf_counter(),
+                            self.handle_error(self.body_too_late(), method, path))
 
     def _read_body(self, environ: dict[str, Any]) -> bytes:
         stream = environ["wsgi.input"]

@@ -258,8 +258,10 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
 def batching_threads(given: str | None, max_batch_size: int, refusal: str | None) -> int:
     """Threads per worker: ``--threads``, else enough for a full batch to wait together.
 
-    Each request waits for its answer on a thread of its worker, so a merged
-    batch holds at most that many requests.
+    A request read through gunicorn's pool (a chunked body, one over 1 MiB:
+    see :mod:`smchainer.serving.direct`) waits for its answer on a thread of
+    its worker, so a merged batch holds at most that many of them; requests
+    of the direct path hold no thread.
     """
     batching = max_batch_size > 1 and refusal is None
     if max_batch_size > 1 and refusal is not None:
@@ -267,8 +269,9 @@ def batching_threads(given: str | None, max_batch_size: int, refusal: str | None
     if given is not None:
         threads = config.positive_int(given, "--threads")
         if batching and threads < max_batch_size:
-            logger.info("a batch holds at most %d requests (--threads %d) of the %d items "
-                        "--max-batch-size allows", threads, threads, max_batch_size)
+            logger.info("a batch holds at most %d requests read through the pool (chunked "
+                        "or over 1 MiB; --threads %d) of the %d items --max-batch-size allows",
+                        threads, threads, max_batch_size)
         return threads
     return max(config.DEFAULT_THREADS, max_batch_size) if batching else config.DEFAULT_THREADS
 

@@ -17,6 +17,17 @@ complete request heads:
   previous answer on a kept-alive connection) and is then dropped; an
   over-long head is a 431. Idle connections cost a file descriptor, never a
   thread, up to gunicorn's ``worker_connections`` per worker.
+- **Inference requests skip the pool.** A ``POST /invocations`` whose head
+  is plain (:mod:`smchainer.serving.direct` says which) has its body read
+  on the main loop too, within ``--client-timeout`` (then 408), and goes
+  straight to the inference thread. That thread sends the answer, head and
+  body in one non-blocking ``send``, the moment it has it; the main loop then
+  logs the access line and keeps the connection (a pipelined next request
+  included), and answers 504 itself when an inference runs past
+  ``--timeout``. An answer the socket cannot take at once is finished by a
+  pool thread. Such a request holds no thread while it waits; every other
+  request (chunked bodies, bodies over 1 MiB, ``Expect``, the KServe routes,
+  anything unusual) takes gunicorn's path below.
 - **Health checks never wait for a thread.** ``GET``/``HEAD /ping`` and
   ``GET /metrics`` without a body are answered right there on the main loop
   (both are a state check and a few bytes), so neither slow clients nor a
@@ -59,6 +70,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import heapq
+import itertools
 import json
 import logging
 import selectors
@@ -67,9 +80,10 @@ from functools import partial
 from typing import Any
 
 from gunicorn import util
-from gunicorn.workers.gthread import TConn, ThreadWorker
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from smchainer.cli import OneLineFormatter
+from smchainer.serving.direct import DirectHead, Limits, answer_bytes, direct_head
 
 #: A head longer than this (request line plus every header) is refused with 431.
 MAX_HEAD_BYTES = 64 * 1024
@@ -105,6 +119,8 @@ def inline_request(head: bytes) -> bool:
 class ServingWorker(ThreadWorker):
     """gthread with heads read on the event loop (see the module docstring)."""
 
+    alive: bool  # gunicorn's, set in its base class
+
     def init_process(self) -> None:
         util.write_error = write_json_error
         for handler in self.log.error_log.handlers:
@@ -115,9 +131,18 @@ class ServingWorker(ThreadWorker):
         self._heartbeat_every = min(HEARTBEAT_SECONDS, self.timeout / 4)
         self._last_heartbeat = -float("inf")
         self._checked_parent = -float("inf")
+        #: direct requests at the inference thread, by number: (conn, request)
+        self._direct: dict[int, tuple[TConn, Any]] = {}
+        #: their (deadline, number), a heap; finished ones are dropped when on top
+        self._deadlines: list[tuple[float, int]] = []
+        self._numbers = itertools.count()
         super().init_process()
 
     def run(self) -> None:
+        routes: frozenset[bytes] = getattr(self.wsgi, "direct_routes", frozenset())
+        settings = getattr(self.wsgi, "settings", None)
+        self._direct_routes = routes if routes and not self.cfg.is_ssl else frozenset()
+        self._direct_limits = Limits.of(self.cfg, getattr(settings, "max_payload_bytes", 0))
         try:
             super().run()
         finally:
@@ -169,9 +194,13 @@ class ServingWorker(ThreadWorker):
         if self._accepting and self.alive and self.hold_back():
             self.set_accept_enabled(False)
             timeout = min(timeout, READY_CHECK_SECONDS)
-        # Back in time for the next heartbeat, which the loop writes before it waits again.
-        due = self._last_heartbeat + self._heartbeat_every - time.monotonic()
-        super().wait_for_and_dispatch_events(min(timeout, max(due, 0.0)))
+        # Back in time for the next heartbeat, which the loop writes before it waits again,
+        # and for the first deadline of a direct request (its 504).
+        due = self._last_heartbeat + self._heartbeat_every
+        first = self.first_deadline()
+        if first is not None:
+            due = min(due, first)
+        super().wait_for_and_dispatch_events(min(timeout, max(due - time.monotonic(), 0.0)))
 
     def accept(self, listener: Any) -> None:
         if self.cfg.is_ssl:  # TLS must be unwrapped before a head can be read: gthread's way
@@ -209,9 +238,10 @@ class ServingWorker(ThreadWorker):
         self._expect_head(conn)
         self.poller.register(conn.sock, selectors.EVENT_READ, partial(self.on_head_bytes, conn))
 
-    def _expect_head(self, conn: TConn) -> None:
-        """``conn`` waits for its head from now on: an empty buffer and the client timeout."""
-        conn.head = bytearray()
+    def _expect_head(self, conn: TConn, buffered: bytes | bytearray = b"") -> None:
+        """``conn`` waits for its head from now on, with ``buffered`` read already."""
+        conn.head = bytearray(buffered)
+        conn.body_coming = False
         conn.timeout = time.monotonic() + self.client_timeout
         self.pending_conns.append(conn)
 
@@ -253,16 +283,25 @@ class ServingWorker(ThreadWorker):
             conn.close()
             return
         conn.head += data
+        self.took_head_bytes(conn)
+
+    def took_head_bytes(self, conn: TConn) -> None:
+        """``conn``'s buffer has grown: hand its head on once it is complete."""
         if b"\r\n\r\n" not in conn.head:
             if len(conn.head) > MAX_HEAD_BYTES:
                 self._drop_pending(conn)
                 self.nr_conns -= 1
                 try:
-                    write_json_error(sock, 431, "Request Header Fields Too Large",
+                    write_json_error(conn.sock, 431, "Request Header Fields Too Large",
                                      f"the request head is over {MAX_HEAD_BYTES} bytes")
                 except OSError:
                     pass
                 conn.close()
+            return
+        direct = (direct_head(conn.head, self._direct_routes, self._direct_limits)
+                  if self._direct_routes else None)
+        if direct is not None:
+            self.await_body(conn, direct)
             return
         self._drop_pending(conn)
         head = bytes(conn.head)
@@ -280,3 +319,206 @@ class ServingWorker(ThreadWorker):
             self.finish_request(conn, future)
         else:
             self.enqueue_req(conn)
+
+    # -- the direct path (see smchainer.serving.direct) ------------------------
+
+    def await_body(self, conn: TConn, head: DirectHead) -> None:
+        """Start ``conn``'s direct request once its body is here, reading it on this loop."""
+        conn.direct = head
+        if len(conn.head) >= head.total:
+            self._drop_pending(conn)
+            self.start_direct(conn)
+            return
+        # The body gets the client timeout from the end of its head, as on a pool thread.
+        self.pending_conns.remove(conn)
+        conn.timeout = time.monotonic() + self.client_timeout
+        self.pending_conns.append(conn)
+        conn.body_coming = True
+        self.wsgi.body_on_its_way(True)
+        self.poller.modify(conn.sock, selectors.EVENT_READ, partial(self.on_body_bytes, conn))
+
+    def _body_ended(self, conn: TConn) -> None:
+        if conn.body_coming:
+            conn.body_coming = False
+            self.wsgi.body_on_its_way(False)
+
+    def on_body_bytes(self, conn: TConn, sock: Any) -> None:
+        try:
+            data = sock.recv(max(65536, conn.direct.total - len(conn.head)))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:  # the client went away mid-body: nobody to answer
+            self._body_ended(conn)
+            self._drop_pending(conn)
+            self.nr_conns -= 1
+            conn.close()
+            return
+        conn.head += data
+        if len(conn.head) >= conn.direct.total:
+            self._body_ended(conn)
+            self._drop_pending(conn)
+            self.start_direct(conn)
+
+    def start_direct(self, conn: TConn) -> None:
+        """Give ``conn``'s complete request to the app; answer it now or when it is done."""
+        head, buffer = conn.direct, conn.head
+        conn.direct = None
+        body = bytes(buffer[head.head_bytes:head.total])
+        conn.head = buffer[head.total:]  # a pipelined next request, if any
+        conn.keep_alive = head.keep_alive
+        self.nr += 1
+        if self.nr >= self.max_requests and self.alive:
+            self.log.info("Autorestarting worker after current request.")
+            self.alive = False
+        request = self.wsgi.start_direct(head.environ, body, head.arrived)
+        if request.answer is not None:
+            self.sent_direct(conn, *self.write_direct(conn, request.answer))
+            return
+        number = next(self._numbers)
+        self._direct[number] = (conn, request)
+        heapq.heappush(self._deadlines, (request.deadline, number))
+        request.future.add_done_callback(partial(self._inference_done, number, conn, request))
+
+    def _inference_done(self, number: int, conn: TConn, request: Any, _: Any) -> None:
+        """Where the inference ended (its thread, normally): send the answer from there at once.
+
+        Unless the loop's timer has claimed the request for its 504 first. The
+        loop does the rest (:meth:`sent_direct`): the access line, the
+        connection kept alive or closed.
+        """
+        if not request.claim():
+            return
+        try:
+            written = self.write_direct(conn, self.wsgi.finish_direct(request))
+        except Exception:  # never leave the connection waiting for nothing
+            self.log.exception("a direct answer failed")
+            written = (b"", -1, False, None)
+        self.method_queue.defer(self.sent_direct, conn, *written, number)
+
+    def first_deadline(self) -> float | None:
+        """The first deadline of the direct requests still waiting for their inference."""
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][1] not in self._direct:
+            heapq.heappop(deadlines)
+        return deadlines[0][0] if deadlines else None
+
+    def expire_direct(self) -> None:
+        """504 for the direct requests whose inference has run past their deadline."""
+        now = time.monotonic()
+        while (first := self.first_deadline()) is not None and first <= now:
+            _, number = heapq.heappop(self._deadlines)
+            conn, request = self._direct.pop(number)
+            if request.claim():
+                self.sent_direct(conn, *self.write_direct(conn, self.wsgi.finish_direct(request)))
+
+    def write_direct(self, conn: TConn, answer: tuple[str, list[tuple[str, str]], Any]
+                     ) -> tuple[bytes, int, bool, Any]:
+        """Send a direct answer, head and body in one non-blocking ``send``.
+
+        Returns the bytes, how many were sent (-1: the client went away), whether
+        the connection stays open and the answer's body (for its access line).
+        """
+        status, headers, body = answer
+        keep_alive = (conn.keep_alive and self.alive and self.cfg.keepalive > 0
+                      and len(self.keepalived_conns) < self.max_keepalived)
+        try:
+            data = answer_bytes(status, headers, body.body, keep_alive)
+        except ValueError as error:  # as gunicorn's own answers: a 500 instead
+            self.log.error("a direct answer could not be written: %s", error)
+            payload = json.dumps({"error": f"the answer could not be written: {error}",
+                                  "status": 500}).encode()
+            data = answer_bytes("500 Internal Server Error", [
+                ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
+                payload, keep_alive)
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = -1
+        return data, sent, keep_alive, body
+
+    def sent_direct(self, conn: TConn, data: bytes, sent: int, keep_alive: bool, body: Any,
+                    number: int | None = None) -> None:
+        """On this loop, after :meth:`write_direct`: the rest of the answer, then the connection."""
+        if number is not None:
+            self._direct.pop(number, None)
+        if sent < 0:  # the client went away
+            if body is not None:
+                body.close()
+            self.nr_conns -= 1
+            conn.close()
+            return
+        if sent < len(data):  # a client slow to read: a pool thread waits for it
+            rest = self.tpool.submit(self._send_rest, conn, memoryview(data)[sent:])
+            rest.add_done_callback(lambda done: self.method_queue.defer(
+                self._after_rest, conn, keep_alive, body, done))
+            return
+        body.close()  # the access line, after the answer
+        self.after_direct(conn, keep_alive)
+
+    def _send_rest(self, conn: TConn, rest: memoryview) -> bool:
+        """On a pool thread: the rest of an answer, each wait for the client at most its timeout."""
+        try:
+            conn.sock.settimeout(self.client_timeout)
+            while rest:  # not sendall: its timeout bounds the whole answer, not each wait
+                rest = rest[conn.sock.send(rest):]
+            conn.sock.setblocking(False)
+            return True
+        except OSError:
+            return False
+
+    def _after_rest(self, conn: TConn, keep_alive: bool, body: Any,
+                    done: concurrent.futures.Future[bool]) -> None:
+        body.close()
+        if done.result():
+            self.after_direct(conn, keep_alive)
+        else:
+            self.nr_conns -= 1
+            conn.close()
+
+    def after_direct(self, conn: TConn, keep_alive: bool) -> None:
+        """An answered direct request's connection: closed, kept alive, or its next head read."""
+        if not keep_alive:
+            self.nr_conns -= 1
+            self.tpool.submit(conn.close, True)  # lingers for the client's FIN: off this loop
+            return
+        if conn.head:  # the next request came with this one: read it on the loop's next turn
+            self._expect_head(conn, conn.head)
+            self.poller.register(conn.sock, selectors.EVENT_READ,
+                                 partial(self.on_head_bytes, conn))
+            self.method_queue.defer(self._took_buffered, conn)
+            return
+        conn.set_timeout()
+        if not self.alive:
+            conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
+        self.keepalived_conns.append(conn)
+        self.poller.register(conn.sock, selectors.EVENT_READ,
+                             partial(self.on_client_socket_readable, conn))
+
+    def _took_buffered(self, conn: TConn) -> None:
+        if conn in self.pending_conns and not conn.body_coming:
+            self.took_head_bytes(conn)
+
+    def murder_pending(self) -> None:
+        """Drop connections past their head's deadline; a body's is answered 408 first."""
+        now = time.monotonic()
+        while self.pending_conns and self.pending_conns[0].timeout <= now:
+            conn = self.pending_conns.popleft()
+            try:
+                self.poller.unregister(conn.sock)
+            except (OSError, KeyError, ValueError):
+                pass
+            if getattr(conn, "body_coming", False):
+                self._body_ended(conn)
+                status, headers, body = self.wsgi.late_body(conn.direct.environ)
+                try:
+                    conn.sock.send(answer_bytes(status, headers, body.body, False))
+                except OSError:
+                    pass
+                body.close()
+            self.nr_conns -= 1
+            conn.close()
+        self.expire_direct()

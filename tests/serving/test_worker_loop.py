@@ -36,6 +36,8 @@ def bare_worker(timeout: float) -> ServingWorker:
     worker._last_heartbeat = -float("inf")
     worker._checked_parent = -float("inf")
     worker._accepting = False
+    worker._direct = {}
+    worker._deadlines = []
     return worker
 
 
@@ -58,6 +60,18 @@ def test_an_idle_loop_wakes_in_time_for_the_next_heartbeat(monkeypatch) -> None:
     worker.notify()
     worker.wait_for_and_dispatch_events(1.0)  # gthread's own wait is 1 s
     assert 0.4 < waits[-1] <= HEARTBEAT_SECONDS
+
+
+def test_the_loop_wakes_in_time_for_the_first_direct_requests_deadline(monkeypatch) -> None:
+    waits: list[float] = []
+    monkeypatch.setattr(ThreadWorker, "wait_for_and_dispatch_events",
+                        lambda self, timeout: waits.append(timeout))
+    worker = bare_worker(timeout=30)
+    worker.notify()
+    worker._direct = {0: (None, None)}
+    worker._deadlines.append((time.monotonic() + 0.05, 0))  # a 504 due in 50 ms
+    worker.wait_for_and_dispatch_events(1.0)
+    assert 0.0 < waits[-1] <= 0.05
     worker._last_heartbeat -= 10  # long overdue: no wait at all
     worker.wait_for_and_dispatch_events(1.0)
     assert waits[-1] == 0.0
