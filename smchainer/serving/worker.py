@@ -83,7 +83,7 @@ from gunicorn import util
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from smchainer.cli import OneLineFormatter
-from smchainer.serving.direct import DirectHead, Limits, answer_bytes, direct_head
+from smchainer.serving.direct import DirectHead, Limits, Recognizer, answer_bytes
 
 #: A head longer than this (request line plus every header) is refused with 431.
 MAX_HEAD_BYTES = 64 * 1024
@@ -140,9 +140,10 @@ class ServingWorker(ThreadWorker):
 
     def run(self) -> None:
         routes: frozenset[bytes] = getattr(self.wsgi, "direct_routes", frozenset())
-        settings = getattr(self.wsgi, "settings", None)
-        self._direct_routes = routes if routes and not self.cfg.is_ssl else frozenset()
-        self._direct_limits = Limits.of(self.cfg, getattr(settings, "max_payload_bytes", 0))
+        self._direct_head: Recognizer | None = None
+        if routes and not self.cfg.is_ssl:  # TLS: gthread's way throughout
+            limit = getattr(getattr(self.wsgi, "settings", None), "max_payload_bytes", 0)
+            self._direct_head = Recognizer(routes, Limits.of(self.cfg, limit))
         try:
             super().run()
         finally:
@@ -298,8 +299,7 @@ class ServingWorker(ThreadWorker):
                     pass
                 conn.close()
             return
-        direct = (direct_head(conn.head, self._direct_routes, self._direct_limits)
-                  if self._direct_routes else None)
+        direct = self._direct_head(conn.head) if self._direct_head is not None else None
         if direct is not None:
             self.await_body(conn, direct)
             return

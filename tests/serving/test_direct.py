@@ -21,8 +21,10 @@ from gunicorn.http import wsgi
 from gunicorn.http.parser import RequestParser
 
 from smchainer.serving.direct import (
+    CACHED_HEADS,
     DIRECT_BODY_BYTES,
     Limits,
+    Recognizer,
     answer_bytes,
     direct_head,
 )
@@ -104,6 +106,23 @@ def test_every_head_the_direct_path_takes_means_the_same_to_gunicorns_parser() -
         assert direct.environ == environ, head
         assert (direct.head_bytes, direct.length) == (len(head), body_length), head
     assert taken > 400  # the plain head and its harmless variants are among them
+
+
+def test_the_recognizer_answers_a_repeated_head_as_the_first_time_with_its_own_environ() -> None:
+    rng = random.Random(11)
+    recognize = Recognizer(ROUTES, limits())
+    heads = [b"\r\n".join(generated_head(rng)) + b"\r\n\r\n12345" for _ in range(CACHED_HEADS)]
+    for data in heads + heads[::-1] + heads:  # seen, seen again, and again after being forgotten
+        first, again = direct_head(data, ROUTES, limits()), recognize(data)
+        assert (first is None) == (again is None)
+        if first is not None and again is not None:
+            assert (again.path, again.environ, again.head_bytes, again.length,
+                    again.keep_alive) == (first.path, first.environ, first.head_bytes,
+                                          first.length, first.keep_alive)
+    plain = b"\r\n".join(PLAIN) + b"\r\n\r\n12345"
+    one, two = recognize(plain), recognize(plain)
+    assert one is not None and two is not None
+    assert one.environ is not two.environ and two.arrived >= one.arrived
 
 
 @pytest.mark.parametrize("lines", [
