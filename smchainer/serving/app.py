@@ -575,13 +575,16 @@ class InferenceApp:
         pool's path), else from now.
         """
         method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]
-        request = DirectRequest(method, path, time.perf_counter())
+        now = time.monotonic()
+        arrived = now if arrived is None else arrived
+        # Its time (metrics, access line) counts from the head too, as on the pool's path.
+        request = DirectRequest(method, path, time.perf_counter() - (now - arrived))
         try:
             refused = self.refusal(path, environ)
             if refused is not None:
                 request.answer = self.respond(method, path, request.started, refused)
                 return request
-            deadline = (time.monotonic() if arrived is None else arrived) + self.settings.timeout
+            deadline = arrived + self.settings.timeout
             self.metrics.in_flight.inc()
             try:
                 self.check_length(environ)
@@ -610,8 +613,14 @@ class InferenceApp:
         return self.respond(request.method, request.path, request.started, response)
 
     def body_on_its_way(self, coming: bool) -> None:
-        """A direct request's body is being read (True) or no longer (False): for the batcher."""
-        self.runner.expect(1 if coming else -1)
+        """A direct request's body is being read (True) or no longer (False).
+
+        For the batcher, which waits for requests on their way, and for the
+        in-flight gauge, which counts requests being read too.
+        """
+        change = 1 if coming else -1
+        self.runner.expect(change)
+        self.metrics.in_flight.inc(change)
 
     def dispatch(self, method: str, path: str, environ: dict[str, Any]) -> Response:
         refused = self.refusal(path, environ)

@@ -280,6 +280,29 @@ def test_a_body_that_stops_coming_is_a_408_at_the_client_timeout(server) -> None
     assert "did not arrive within 2" in json.loads(body)["error"]
 
 
+def in_flight(server) -> float:
+    text = server.request("GET", "/metrics").body.decode()
+    [line] = [line for line in text.splitlines()
+              if line.startswith("smchainer_requests_in_flight ")]
+    return float(line.split()[1])
+
+
+def test_a_body_being_read_on_the_loop_counts_in_flight_until_it_ends(server) -> None:
+    data = request_bytes(npy_bytes(np.zeros((1, 4), np.float32)))
+    assert in_flight(server) == 0
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(data[:-10])
+        time.sleep(0.3)
+        assert in_flight(server) == 1
+        [(status, _, _)] = read_answers(sock, 1)  # the 408
+    assert status == 408 and in_flight(server) == 0
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(data[:-10])
+        time.sleep(0.3)
+    time.sleep(0.3)  # the client left mid-body: nobody to answer, nothing left counted
+    assert in_flight(server) == 0
+
+
 def test_connection_close_is_honoured(server) -> None:
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(request_bytes(npy_bytes(np.zeros((1, 4), np.float32)),
