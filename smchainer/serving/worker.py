@@ -139,9 +139,12 @@ class ServingWorker(ThreadWorker):
         super().init_process()
 
     def run(self) -> None:
+        # Read once: each gunicorn setting is a property lookup through its Config.
+        self._ssl: bool = self.cfg.is_ssl
+        self._keepalive: float = self.cfg.keepalive
         routes: frozenset[bytes] = getattr(self.wsgi, "direct_routes", frozenset())
         self._direct_head: Recognizer | None = None
-        if routes and not self.cfg.is_ssl:  # TLS: gthread's way throughout
+        if routes and not self._ssl:  # TLS: gthread's way throughout
             limit = getattr(getattr(self.wsgi, "settings", None), "max_payload_bytes", 0)
             self._direct_head = Recognizer(routes, Limits.of(self.cfg, limit))
         try:
@@ -204,7 +207,7 @@ class ServingWorker(ThreadWorker):
         super().wait_for_and_dispatch_events(min(timeout, max(due - time.monotonic(), 0.0)))
 
     def accept(self, listener: Any) -> None:
-        if self.cfg.is_ssl:  # TLS must be unwrapped before a head can be read: gthread's way
+        if self._ssl:  # TLS must be unwrapped before a head can be read: gthread's way
             super().accept(listener)
             return
         try:
@@ -253,7 +256,7 @@ class ServingWorker(ThreadWorker):
         the callback, no system call) and non-blocking, as gthread left it,
         and its bytes are read at once rather than on the loop's next turn.
         """
-        if self.cfg.is_ssl:
+        if self._ssl:
             super().on_client_socket_readable(conn, client)
             return
         self.keepalived_conns.remove(conn)
@@ -421,7 +424,7 @@ class ServingWorker(ThreadWorker):
         the connection stays open and the answer's body (for its access line).
         """
         status, headers, body = answer
-        keep_alive = (conn.keep_alive and self.alive and self.cfg.keepalive > 0
+        keep_alive = (conn.keep_alive and self.alive and self._keepalive > 0
                       and len(self.keepalived_conns) < self.max_keepalived)
         try:
             data = answer_bytes(status, headers, body.body, keep_alive)
@@ -491,7 +494,7 @@ class ServingWorker(ThreadWorker):
                                  partial(self.on_head_bytes, conn))
             self.method_queue.defer(self._took_buffered, conn)
             return
-        conn.set_timeout()
+        conn.timeout = time.monotonic() + self._keepalive  # gthread's set_timeout
         if not self.alive:
             conn.timeout = min(conn.timeout, time.monotonic() + STOP_KEEPALIVE_LINGER)
         self.keepalived_conns.append(conn)
