@@ -79,6 +79,7 @@ import smchainer  # noqa: F401  (Chainer's NumPy 2 compat before chainer loads)
 from smchainer.api.endpoint import http_get
 from smchainer.cli import ArgumentParser, add_common_arguments, run
 from smchainer.errors import SmchainerError
+from smchainer.serving.settings import CPU_AFFINITY_ENV, DEFAULT_CPU_AFFINITY
 
 NPY = "application/x-npy"
 JSON = "application/json"
@@ -945,7 +946,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
             "server_threads": "smchainer-serve default (gthread)",
             # smchainer-serve binds each worker to its own CPUs unless told not to; the
             # TorchServe peer and the bare predict_fn process are not bound.
-            "cpu_affinity": os.environ.get("SMCHAINER_CPU_AFFINITY", "").strip() or "auto",
+            "cpu_affinity": os.environ.get(CPU_AFFINITY_ENV, "").strip() or DEFAULT_CPU_AFFINITY,
             "concurrency": list(args.concurrency), "max_requests": args.max_requests,
             "time_limit_s": args.time_limit, "request_timeout_s": args.request_timeout,
             "predict_repeats": args.predict_repeats, "overhead_rounds": args.overhead_rounds,

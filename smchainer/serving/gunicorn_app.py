@@ -24,7 +24,12 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
-from smchainer.serving.settings import GRACEFUL_TIMEOUT, ServerSettings, worker_cpus
+from smchainer.serving.settings import (
+    GRACEFUL_TIMEOUT,
+    WORKER_CPUS_ENV,
+    ServerSettings,
+    worker_cpus,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +37,6 @@ WORKER_CLASS = "smchainer.serving.worker.ServingWorker"
 #: Another gunicorn worker class instead (``gthread``), for comparisons such as
 #: ``benchmarks/serving_faults.py``'s; the server's guarantees hold with the default only.
 WORKER_CLASS_ENV = "SMCHAINER_WORKER_CLASS"
-#: In a worker bound to its own CPUs: how many (for the plugins' thread counts).
-WORKER_CPUS_ENV = "SMCHAINER_WORKER_CPUS"
 
 
 #: Where the workers' heartbeat files go when it exists: a memory file system.

@@ -27,6 +27,8 @@ MODEL_NAME_ENV = "SMCHAINER_MODEL_NAME"
 MAX_BATCH_SIZE_ENV = "SMCHAINER_MAX_BATCH_SIZE"
 MAX_BATCH_DELAY_ENV = "SMCHAINER_MAX_BATCH_DELAY_MS"
 CPU_AFFINITY_ENV = "SMCHAINER_CPU_AFFINITY"
+#: Set by the server in a worker it bound to its own CPUs: how many (plugins size threads by it).
+WORKER_CPUS_ENV = "SMCHAINER_WORKER_CPUS"
 
 DEFAULT_PORT = 8080
 #: Loopback, as local model servers bind by default: a container passes --bind 0.0.0.0.

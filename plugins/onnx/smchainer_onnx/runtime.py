@@ -29,13 +29,12 @@ import numpy as np
 from smchainer.device import cpu_count
 from smchainer.environ import env_positive_int
 from smchainer.errors import BadRequest, SmchainerError
+from smchainer.serving.settings import WORKER_CPUS_ENV
 
 logger = logging.getLogger(__name__)
 
 THREADS_ENV = "SMCHAINER_ONNX_THREADS"
 WORKERS_ENV = "SAGEMAKER_MODEL_SERVER_WORKERS"
-#: Set by smchainer-serve in a worker it bound to its own CPUs (``--cpu-affinity auto``).
-WORKER_CPUS_ENV = "SMCHAINER_WORKER_CPUS"
 #: Cached files are ``smchainer-onnx-<key>.onnx`` in the model directory.
 CACHE_PREFIX = "smchainer-onnx-"
 #: Batch size of the export trace; not 1, so the batch axis stands out.
