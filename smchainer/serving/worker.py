@@ -302,7 +302,10 @@ class ServingWorker(ThreadWorker):
                     pass
                 conn.close()
             return
-        direct = self._direct_head(conn.head) if self._direct_head is not None else None
+        direct = None
+        if self._direct_head is not None:
+            self.wsgi.came_back(id(conn))  # if it was answered on the direct path before
+            direct = self._direct_head(conn.head)
         if direct is not None:
             self.await_body(conn, direct)
             return
@@ -435,6 +438,8 @@ class ServingWorker(ThreadWorker):
             data = answer_bytes("500 Internal Server Error", [
                 ("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
                 payload, keep_alive)
+        if keep_alive:  # before the send: the client cannot be back before it counts
+            self.wsgi.answered(id(conn))
         try:
             sent = conn.sock.send(data)
         except (BlockingIOError, InterruptedError):

@@ -226,6 +226,53 @@ def test_a_batch_waits_for_a_request_still_arriving(tmp_path):
     assert recorder.calls == [(2, 4)]
 
 
+def test_a_connection_just_answered_counts_as_on_its_way_for_the_batch_delay(tmp_path):
+    app = make_app(tmp_path, Recorder(), delay_ms=200)
+    runner = app.runner
+    assert runner.return_window == pytest.approx(0.2)
+    app.answered(1)
+    app.answered(2)
+    assert runner.arriving() == 2
+    app.came_back(1)  # its next head is here
+    assert runner.arriving() == 1
+    time.sleep(0.25)  # past the window: not expected any more
+    assert runner.arriving() == 0
+    app.came_back(2)  # late, or closed: nothing to take back
+    assert runner.arriving() == 0
+
+
+def test_without_batching_answers_are_not_tracked(tmp_path):
+    app = make_app(tmp_path, Recorder(), max_batch_size=1, delay_ms=200)
+    app.answered(1)
+    assert app.runner.arriving() == 0
+
+
+def test_a_batch_waits_for_a_kept_alive_client_it_has_just_answered(tmp_path):
+    """A client that sends again as soon as it has its answer joins the next batch."""
+    recorder = Recorder()
+    app = make_app(tmp_path, recorder, delay_ms=5000)
+    recorder.hold.clear()
+    first = submit(app, np.full((1, 4), 1.0, np.float32))
+    assert recorder.held.wait(10)
+    second = submit(app, np.full((1, 4), 2.0, np.float32))  # queued behind the first
+    app.answered(7)  # as the worker does once the first's answer is sent
+
+    def come_back():
+        time.sleep(0.3)
+        app.came_back(7)
+        third.append(submit(app, np.full((1, 4), 3.0, np.float32)))
+
+    third: list = []
+    thread = threading.Thread(target=come_back)
+    thread.start()
+    recorder.hold.set()
+    thread.join()
+    np.testing.assert_array_equal(answer(first), np.full((1, 4), 2.0))
+    np.testing.assert_array_equal(answer(second), np.full((1, 4), 4.0))
+    np.testing.assert_array_equal(answer(third[0]), np.full((1, 4), 6.0))
+    assert recorder.calls == [(1, 4), (2, 4)]
+
+
 def test_requests_whose_caller_gave_up_are_dropped_before_decoding(tmp_path):
     recorder = Recorder()
     app = make_app(tmp_path, recorder)
@@ -393,6 +440,63 @@ def test_the_server_merges_concurrent_clients_of_an_opted_in_predict_fn(start_se
     assert figures["requests_sum"] == 9 and figures["size_sum"] == 9
     assert figures["requests_count"] < 9, figures
     assert "a batch holds" not in server.log() and "batching is off" not in server.log()
+
+
+STEADY = '''
+import time
+
+import numpy as np
+
+
+def model_fn(model_dir):
+    return "doubler"
+
+
+def batch_fn(input_data, model):
+    return input_data
+
+
+def predict_fn(input_data, model):
+    time.sleep(0.03)
+    return np.asarray(input_data, np.float32) * 2
+'''
+
+
+def test_clients_that_send_again_at_once_stay_in_one_batch(start_server, tmp_path):
+    """Four clients, each sending its next request as soon as it has its answer.
+
+    Counting only requests already queued or being read, a batch starts with
+    those that queued while the one before ran, and the clients split into
+    two groups that alternate (about two requests a call); a batch that also
+    waits for the connections it has just answered keeps all four together.
+    """
+    model_dir = tmp_path / "model"
+    (model_dir / "code").mkdir(parents=True)
+    (model_dir / "code" / "inference.py").write_text(STEADY)
+    server = start_server(["--model-dir", str(model_dir), "--workers", "1",
+                           "--max-batch-size", "16", "--max-batch-delay-ms", "20"])
+    body = npy_bytes(np.ones((1, 3), np.float32))
+
+    def client() -> list[int]:
+        connection = HTTPConnection("127.0.0.1", server.port, timeout=60)
+        statuses = []
+        try:
+            for _ in range(12):
+                connection.request("POST", "/invocations", body,
+                                   {"Content-Type": content.NPY, "Accept": content.NPY})
+                reply = connection.getresponse()
+                reply.read()
+                statuses.append(reply.status)
+        finally:
+            connection.close()
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = [f.result() for f in [pool.submit(client) for _ in range(4)]]
+    assert results == [[200] * 12] * 4
+    figures = batch_histogram(server)
+    assert figures["requests_sum"] == 48
+    assert figures["requests_sum"] / figures["requests_count"] >= 3, figures
 
 
 def test_max_batch_size_1_keeps_every_request_to_its_own_call(start_server, tmp_path):
