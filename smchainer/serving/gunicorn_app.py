@@ -14,7 +14,8 @@ Workers are not preloaded: each worker builds its own plugin manager and
 imports the user's module after the fork (:meth:`ServingApplication.load`),
 then loads its model in the background (``post_worker_init``). The master
 gives each worker a stable index (reused when a worker is replaced), which
-picks its GPU.
+picks its GPU and its CPUs, and its slot on the board that spreads new
+connections over the workers (:mod:`smchainer.serving.balance`).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
+from smchainer.serving.balance import ConnectionBoard
 from smchainer.serving.settings import (
     GRACEFUL_TIMEOUT,
     WORKER_CPUS_ENV,
@@ -100,6 +102,9 @@ def child_exit(server: Any, worker: Any) -> None:
     from smchainer.serving.metrics import process_exited
 
     process_exited(worker.pid)
+    board = getattr(server.app, "board", None)
+    if board is not None:
+        board.clear(getattr(worker, "smchainer_index", -1))
 
 
 def post_worker_init(worker: Any) -> None:
@@ -120,6 +125,8 @@ class ServingApplication(BaseApplication):
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
+        #: the workers' open connections, for spreading new ones (mapped before the fork)
+        self.board = ConnectionBoard(settings.workers)
         super().__init__(prog="smchainer-serve")
 
     def gunicorn_options(self) -> dict[str, Any]:

@@ -74,6 +74,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import selectors
 import time
 from functools import partial
@@ -83,6 +84,7 @@ from gunicorn import util
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, TConn, ThreadWorker
 
 from smchainer.cli import OneLineFormatter
+from smchainer.serving.balance import NOT_TAKING, AcceptPacer
 from smchainer.serving.direct import DirectHead, Limits, Recognizer, answer_bytes
 
 #: A head longer than this (request line plus every header) is refused with 431.
@@ -136,6 +138,9 @@ class ServingWorker(ThreadWorker):
         #: their (deadline, number), a heap; finished ones are dropped when on top
         self._deadlines: list[tuple[float, int]] = []
         self._numbers = itertools.count()
+        #: this worker's share of new connections (see smchainer.serving.balance)
+        self._pacer = AcceptPacer(getattr(self.app, "board", None),
+                                  getattr(self, "smchainer_index", 0), os.getpid())
         super().init_process()
 
     def run(self) -> None:
@@ -150,6 +155,7 @@ class ServingWorker(ThreadWorker):
         try:
             super().run()
         finally:
+            self._pacer.withdraw()
             for name in ("ready_markers", "stuck_markers"):
                 markers = getattr(self.wsgi, name, None)
                 if markers is not None:
@@ -198,6 +204,10 @@ class ServingWorker(ThreadWorker):
         if self._accepting and self.alive and self.hold_back():
             self.set_accept_enabled(False)
             timeout = min(timeout, READY_CHECK_SECONDS)
+        taking = self.alive and self.nr_conns < self.worker_connections and not self.loading()
+        self._pacer.publish(self.nr_conns if taking else NOT_TAKING)
+        if not self._accepting and self._pacer.resume_at:  # listening again soon
+            timeout = min(timeout, max(self._pacer.resume_at - time.monotonic(), 0.0))
         # Back in time for the next heartbeat, which the loop writes before it waits again,
         # and for the first deadline of a direct request (its 504).
         due = self._last_heartbeat + self._heartbeat_every
@@ -206,7 +216,18 @@ class ServingWorker(ThreadWorker):
             due = min(due, first)
         super().wait_for_and_dispatch_events(min(timeout, max(due - time.monotonic(), 0.0)))
 
+    def set_accept_enabled(self, enabled: bool) -> None:
+        """gthread's, except that a worker letting connections go to a sibling waits a moment."""
+        if enabled and self._pacer.resume_at:
+            if time.monotonic() < self._pacer.resume_at:
+                return
+            self._pacer.resume_at = 0.0
+        super().set_accept_enabled(enabled)
+
     def accept(self, listener: Any) -> None:
+        if self._pacer.should_defer(self.nr_conns, time.monotonic()):
+            self.set_accept_enabled(False)  # a sibling with fewer connections goes first
+            return
         if self._ssl:  # TLS must be unwrapped before a head can be read: gthread's way
             super().accept(listener)
             return

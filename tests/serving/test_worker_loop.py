@@ -17,6 +17,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from smchainer.serving import app as app_module
 from smchainer.serving import gunicorn_app
 from smchainer.serving.app import BodyDeadlines
+from smchainer.serving.balance import AcceptPacer
 from smchainer.serving.worker import HEARTBEAT_SECONDS, ServingWorker
 
 
@@ -38,6 +39,11 @@ def bare_worker(timeout: float) -> ServingWorker:
     worker._accepting = False
     worker._direct = {}
     worker._deadlines = []
+    worker._pacer = AcceptPacer(None, 0, 0)
+    worker.alive = True
+    worker.nr_conns = 0
+    worker.worker_connections = 1000
+    worker.wsgi = None
     return worker
 
 
