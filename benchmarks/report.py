@@ -388,7 +388,9 @@ def batched_gain(record: Record, variant: str) -> str:
     gains = (record.data.get("ratios") or {}).get("batched_over_unbatched") or {}
     for pair, figures in gains.items():
         if pair.split("/")[0] == variant and figures.get("images_per_s") is not None:
-            return f"{figures['images_per_s']:.2f} (c={figures.get('concurrency')})"
+            ceiling = (figures.get("ceiling") or {}).get("over_unbatched")
+            most = f", at most {ceiling:.2f}" if ceiling else ""
+            return f"{figures['images_per_s']:.2f} (c={figures.get('concurrency')}{most})"
     return "-"
 
 

@@ -44,7 +44,10 @@ Variants, all on the same bodies and cells in one record:
 (``onnx`` and ``chainer`` against ``torchserve``, the batched ones against
 ``torchserve-batched``): images/s (above 1: smchainer serves more) and p99
 (below 1: smchainer's tail is shorter); and per batched variant, its batch-1
-images/s at the highest concurrency over its unbatched twin's. TorchServe
+images/s at the highest concurrency over its unbatched twin's, beside the
+``ceiling`` no batching could pass there: every worker computing full
+batches back to back, timed from the bare ``predict_fn`` at the largest
+batch a worker can merge in that cell. TorchServe
 needs the ``bench`` extra and Java 11+. Writes one record to
 ``benchmarks/results/serving_load-<stamp>.json``::
 
@@ -185,6 +188,29 @@ def save_vgg(model_dir: Path, depth: int, width: float, class_names: list[str],
     save_model(model, model_dir, class_names, hp)
     return {"architecture": "smchainer.models.VGG", "depth": depth, "width": width,
             "parameters": int(count_parameters(model)), "weights": "random (seeded)"}
+
+
+def ceiling_batch(args: argparse.Namespace) -> int | None:
+    """The largest batch a worker can merge in the batched cells, or None without batching.
+
+    At the top concurrency ``c`` with ``w`` workers each worker holds at most
+    ``ceil(c / w)`` clients (connections are spread evenly), each with one
+    request in flight, and merges at most ``--max-batch-size`` of them.
+    """
+    if not any(VARIANTS[name].batched for name in args.variants):
+        return None
+    clients = -(-max(args.concurrency) // args.workers)
+    return max(1, min(args.max_batch_size, clients))
+
+
+def predict_batches(args: argparse.Namespace) -> list[int]:
+    """The npy batches the bare ``predict_fn`` is timed at: every cell's and
+    :func:`ceiling_batch`'s (for the batching ceiling, see :func:`ratios`)."""
+    batches = list(args.npy_batches)
+    top = ceiling_batch(args)
+    if top is not None and top not in batches:
+        batches.append(top)
+    return batches
 
 
 def make_bodies(images: np.ndarray, npy_batches: Sequence[int], json_batch: int) -> list[Body]:
@@ -537,7 +563,7 @@ class PredictChild:
 
     def __init__(self, model_dir: Path, images_file: Path, args: argparse.Namespace,
                  env: dict[str, str], torch_dir: Path | None = None) -> None:
-        common = [str(images_file), ",".join(map(str, args.npy_batches)),
+        common = [str(images_file), ",".join(map(str, predict_batches(args))),
                   str(args.json_batch), str(args.predict_repeats)]
         if torch_dir is None:
             command = [sys.executable, __file__, "--measure-predict", str(model_dir), *common]
@@ -947,7 +973,34 @@ def _ratio(numerator: Any, denominator: Any) -> float | None:
     return round(numerator / denominator, 4)
 
 
-def ratios(variants: list[dict[str, Any]]) -> dict[str, Any]:
+def batching_ceiling(in_process: dict[str, Any], workers: int, batch: int | None,
+                     unbatched_images_per_s: float | None) -> dict[str, Any] | None:
+    """The most any batching could serve here, from the bare ``predict_fn`` alone.
+
+    Every worker computing batches of ``batch`` (:func:`ceiling_batch`) back
+    to back, with no serving cost and no pause between batches:
+    ``workers * batch / predict_ms(batch)`` images/s. ``over_unbatched``
+    divides that by the unbatched server's measured images/s: no batcher
+    can beat that ratio on this machine and model. It is an upper bound
+    (both workers computing at once may each run slower than the bare
+    ``predict_fn``, timed alone); ``bare_batch_scaling`` is the model's own
+    images/s at ``batch`` over batch 1.
+    """
+    if not batch:
+        return None
+    single = (in_process.get("npy-1") or {}).get("predict_ms")
+    merged = (in_process.get(f"npy-{batch}") or {}).get("predict_ms")
+    if not single or not merged:
+        return None
+    images_per_s = workers * batch * 1000 / merged
+    return {"batch": batch, "workers": workers, "bare_predict_ms": merged,
+            "images_per_s": round(images_per_s, 2),
+            "bare_batch_scaling": _ratio(batch / merged, 1 / single),
+            "over_unbatched": _ratio(images_per_s, unbatched_images_per_s)}
+
+
+def ratios(variants: list[dict[str, Any]], workers: int = 1,
+           batch: int | None = None) -> dict[str, Any]:
     """smchainer / TorchServe per cell at equal batching, and batched / unbatched at batch 1.
 
     ``smchainer_over_torchserve``: one row per smchainer variant, body and
@@ -955,7 +1008,9 @@ def ratios(variants: list[dict[str, Any]]) -> dict[str, Any]:
     ``torchserve-batched``) ran the same cell: ``images_per_s`` (above 1:
     smchainer serves more) and ``p99_ms`` (below 1: its tail is shorter).
     ``batched_over_unbatched``: per batched variant whose unbatched twin ran,
-    the ``npy-1`` images/s at the highest concurrency both measured.
+    the ``npy-1`` images/s at the highest concurrency both measured, and the
+    ``ceiling`` of any batching there (:func:`batching_ceiling`, for
+    ``workers`` workers merging up to ``batch`` requests).
     """
     by_name = {v["variant"]: v for v in variants if "error" not in v}
     cells = {name: {(c["body"], c["concurrency"]): c for c in v.get("cells", [])}
@@ -984,10 +1039,12 @@ def ratios(variants: list[dict[str, Any]]) -> dict[str, Any]:
         if not shared:
             continue
         top = max(shared)
+        unbatched = cells[variant.unbatched][("npy-1", top)].get("images_per_s")
         batched[f"{name}/{variant.unbatched}"] = {
             "body": "npy-1", "concurrency": top,
-            "images_per_s": _ratio(cells[name][("npy-1", top)].get("images_per_s"),
-                                   cells[variant.unbatched][("npy-1", top)].get("images_per_s")),
+            "images_per_s": _ratio(cells[name][("npy-1", top)].get("images_per_s"), unbatched),
+            "ceiling": batching_ceiling(by_name[name].get("in_process") or {}, workers, batch,
+                                        unbatched),
         }
     return {"smchainer_over_torchserve": versus, "batched_over_unbatched": batched}
 
@@ -1023,7 +1080,7 @@ def prepare_torchserve(model_dir: Path, folder: Path, class_names: list[str],
 def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Images, model, then every server variant; the whole record."""
     record = benchlib.context("serving_load", args.quick)
-    images, class_names = load_test_images(args.test_zip, max(*args.npy_batches,
+    images, class_names = load_test_images(args.test_zip, max(*predict_batches(args),
                                                               args.json_batch, CHECK_BATCH))
     bodies = make_bodies(images, args.npy_batches, args.json_batch)
     with tempfile.TemporaryDirectory(prefix="smchainer-serving-bench-") as tmp:
@@ -1083,7 +1140,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             for child, _ in cache.values():
                 child.close()
-        record["ratios"] = ratios(record["variants"])
+        record["ratios"] = ratios(record["variants"], args.workers, ceiling_batch(args))
     return benchlib.finish(record)
 
 
@@ -1225,8 +1282,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"c={row['concurrency']:<3d} images/s {fmt_ratio(row['images_per_s'])}  "
                   f"p99 {fmt_ratio(row['p99_ms'])}")
         for pair, row in record["ratios"]["batched_over_unbatched"].items():
+            ceiling = row.get("ceiling") or {}
             print(f"{pair}: {row['body']} c={row['concurrency']} images/s "
-                  f"{fmt_ratio(row['images_per_s'])}")
+                  f"{fmt_ratio(row['images_per_s'])} (any batching at most "
+                  f"{fmt_ratio(ceiling.get('over_unbatched'))})")
         print(f"record: {path}")
         failed = [v["variant"] for v in record["variants"] if "error" in v]
         if failed:
