@@ -512,12 +512,16 @@ def time_bodies(bodies: list[Body], repeats: int, decode: Any, predict: Any,
 
 
 def serve_predicts(calls: dict[str, Any], lines: Any, answer: Any) -> None:
-    """The child's loop: per line ``NAME COUNT`` of ``lines``, ``answer`` the seconds of
-    ``COUNT`` calls of body ``NAME``'s ``predict`` (a JSON list); ends with ``lines``."""
+    """The child's loop: per line ``NAME COUNT [GAP]`` of ``lines``, ``answer`` the seconds
+    of ``COUNT`` calls of body ``NAME``'s ``predict`` (a JSON list), each after ``GAP``
+    seconds asleep when given; ends with ``lines``."""
     for line in lines:
-        name, count = line.split()
+        name, count, *rest = line.split()
+        gap = float(rest[0]) if rest else 0.0
         seconds = []
         for _ in range(int(count)):
+            if gap:
+                time.sleep(gap)
             start = time.perf_counter()
             calls[name]()
             seconds.append(time.perf_counter() - start)
@@ -585,10 +589,11 @@ class PredictChild:
             raise SmchainerError(f"measuring predict_fn failed: {self.stderr.read()[-2000:]}")
         return json.loads(line)
 
-    def predict(self, body: str, count: int) -> list[float]:
-        """Seconds of ``count`` bare calls for ``body``, timed in the child."""
+    def predict(self, body: str, count: int, gap: float = 0.0) -> list[float]:
+        """Seconds of ``count`` bare calls for ``body``, timed in the child, each after
+        ``gap`` seconds asleep (its CPU idle, as a server's between requests)."""
         assert self.process.stdin is not None
-        self.process.stdin.write(f"{body} {count}\n")
+        self.process.stdin.write(f"{body} {count} {gap!r}\n" if gap else f"{body} {count}\n")
         self.process.stdin.flush()
         return list(self._answer())
 
@@ -795,6 +800,10 @@ ROUND_SECONDS = 0.3
 ROUND_CALLS = 25
 #: Calls each side of a round makes first, untimed: the other side just had the CPU.
 ROUND_WARM = 2
+#: Seconds the bare ``predict_fn`` sleeps before each call on the idle side of a round: about
+#: what a server's CPU idles between requests at concurrency 1 (the round trip and the
+#: client's turn).
+IDLE_GAP_S = 0.001
 
 
 def interleaved_overhead(port: int, path: str, child: PredictChild, bodies: list[Body],
@@ -811,6 +820,10 @@ def interleaved_overhead(port: int, path: str, child: PredictChild, bodies: list
     is taken), the order of the two swapped every round, so both medians
     come from the same minutes. Each side first makes :data:`ROUND_WARM`
     untimed calls, as the other side has just had the CPU and its caches.
+    A third side times the bare calls each after :data:`IDLE_GAP_S` asleep
+    (``predict_after_idle_ms``): a server's CPU idles between requests, and
+    a model called after an idle CPU runs slower than in a tight loop (cold
+    caches, a woken virtual CPU), which the served time includes too.
     ``calls`` makes a side about :data:`ROUND_SECONDS`;
     ``overhead_ms_rounds`` is each round's median difference, which shows
     the spread. With ``reads_metrics`` (smchainer-serve) the server's
@@ -840,12 +853,16 @@ def interleave(port: int, path: str, child: PredictChild, body: Body, calls: int
     headers = {"Content-Type": body.content_type, "Accept": body.accept}
     connection = connect(port, timeout)
     bare: list[float] = []
+    idle: list[float] = []
     served: list[float] = []
     differences: list[float] = []
     errors: list[str] = []
 
     def bare_side() -> list[float]:
         return child.predict(body.name, ROUND_WARM + calls)[ROUND_WARM:]
+
+    def idle_side() -> None:
+        idle.extend(child.predict(body.name, ROUND_WARM + calls, IDLE_GAP_S)[ROUND_WARM:])
 
     def served_side() -> list[float]:
         seconds = []
@@ -861,7 +878,9 @@ def interleave(port: int, path: str, child: PredictChild, body: Body, calls: int
         for number in range(rounds):
             if number % 2 == 0:
                 round_bare, round_served = bare_side(), served_side()
+                idle_side()
             else:
+                idle_side()
                 round_served, round_bare = served_side(), bare_side()
             bare += round_bare
             served += round_served
@@ -880,6 +899,9 @@ def interleave(port: int, path: str, child: PredictChild, body: Body, calls: int
             "predict_ms": round(1000 * statistics.median(bare), 3),
             "overhead_ms_rounds": differences,
         })
+    if idle:
+        figures["predict_after_idle_ms"] = round(1000 * statistics.median(idle), 3)
+        figures["idle_gap_ms"] = 1000 * IDLE_GAP_S
     return figures
 
 
@@ -957,6 +979,11 @@ def overhead(cells: list[dict[str, Any]], in_process: dict[str, Any],
             "codec_ms": round(codec, 3),
             "http_and_server_ms": round(served - predict - codec, 3),
         })
+        if "predict_after_idle_ms" in mixed:
+            # What serving adds beyond the model's own slowdown after an idle CPU.
+            figures["predict_after_idle_ms"] = mixed["predict_after_idle_ms"]
+            figures["overhead_vs_idle_predict_ms"] = round(
+                served - mixed["predict_after_idle_ms"], 3)
         if threads_ms is not None:
             # Read from the server itself: its threads' own time on each request.
             figures["in_server_inference_ms"] = threads_ms
@@ -977,9 +1004,10 @@ def batching_ceiling(in_process: dict[str, Any], workers: int, batch: int | None
                      unbatched_images_per_s: float | None) -> dict[str, Any] | None:
     """The most any batching could serve here, from the bare ``predict_fn`` alone.
 
-    Every worker computing batches of ``batch`` (:func:`ceiling_batch`) back
-    to back, with no serving cost and no pause between batches:
-    ``workers * batch / predict_ms(batch)`` images/s. ``over_unbatched``
+    Every busy worker (``workers``: the server's, or fewer when fewer clients
+    were there to keep them busy) computing batches of ``batch``
+    (:func:`ceiling_batch`) back to back, with no serving cost and no pause
+    between batches: ``workers * batch / predict_ms(batch)`` images/s. ``over_unbatched``
     divides that by the unbatched server's measured images/s: no batcher
     can beat that ratio on this machine and model. It is an upper bound
     (both workers computing at once may each run slower than the bare
@@ -1043,8 +1071,8 @@ def ratios(variants: list[dict[str, Any]], workers: int = 1,
         batched[f"{name}/{variant.unbatched}"] = {
             "body": "npy-1", "concurrency": top,
             "images_per_s": _ratio(cells[name][("npy-1", top)].get("images_per_s"), unbatched),
-            "ceiling": batching_ceiling(by_name[name].get("in_process") or {}, workers, batch,
-                                        unbatched),
+            "ceiling": batching_ceiling(by_name[name].get("in_process") or {},
+                                        min(workers, top), batch, unbatched),
         }
     return {"smchainer_over_torchserve": versus, "batched_over_unbatched": batched}
 

@@ -89,3 +89,26 @@ def test_the_ceiling_batch(serving_load: Any, variants: list[str], concurrency: 
     timed = serving_load.predict_batches(args)
     assert timed[:3] == [1, 10, 64]
     assert timed == [1, 10, 64] + ([expected] if expected not in (None, 1, 10, 64) else [])
+
+
+def test_one_client_keeps_one_worker_busy(serving_load: Any) -> None:
+    pair = [variant("onnx", [cell("npy-1", 1, 150.0)], npy_1=5.0),
+            variant("onnx-batched", [cell("npy-1", 1, 140.0)], npy_1=5.0)]
+    ceiling = serving_load.ratios(pair, workers=2, batch=1)["batched_over_unbatched"][
+        "onnx-batched/onnx"]["ceiling"]
+    assert ceiling["workers"] == 1 and ceiling["batch"] == 1
+    assert ceiling["images_per_s"] == pytest.approx(200.0)
+    assert ceiling["over_unbatched"] == pytest.approx(200.0 / 150.0, abs=1e-4)
+
+
+def test_the_predict_child_sleeps_before_each_call_when_asked(serving_load: Any,
+                                                              monkeypatch: Any) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(serving_load.time, "sleep", slept.append)
+    made: list[str] = []
+    answers: list[str] = []
+    calls = {"npy-1": lambda: made.append("npy-1"), "npy-8": lambda: made.append("npy-8")}
+    serving_load.serve_predicts(calls, ["npy-1 3\n", "npy-8 2 0.001\n"], answers.append)
+    assert made == ["npy-1"] * 3 + ["npy-8"] * 2
+    assert slept == [0.001, 0.001]  # only the second line asked for a gap
+    assert [len(serving_load.json.loads(a)) for a in answers] == [3, 2]
