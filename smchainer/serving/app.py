@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import re
 import socket
 import threading
 import time
@@ -61,6 +62,8 @@ access_logger = logging.getLogger("smchainer.serving.access")
 _READ_CHUNK = 64 * 1024
 #: Answered without a token when the server requires one: health checks must work.
 OPEN_PATHS = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
+#: A model name that stands in a URL as it is (RFC 3986's unreserved characters).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 @functools.lru_cache(maxsize=64)
@@ -474,6 +477,8 @@ class DirectRequest:
     deadline: float = 0.0
     #: status line, headers and body, once known without an inference (a refusal)
     answer: tuple[str, list[tuple[str, str]], Answer] | None = None
+    #: an Open Inference Protocol ``infer`` request's tensors (None: ``/invocations``)
+    infer: v2.PendingInfer | None = None
     _claimed: threading.Lock = field(default_factory=threading.Lock)
 
     def claim(self) -> bool:
@@ -484,13 +489,18 @@ class DirectRequest:
 class InferenceApp:
     """The WSGI callable of one worker."""
 
-    #: Paths the worker may serve on its event loop (:mod:`smchainer.serving.direct`).
-    direct_routes = frozenset({b"/invocations"})
-
     def __init__(self, hooks: Hooks, settings: ServerSettings,
                  metrics: WorkerMetrics | None = None) -> None:
         self.hooks = hooks
         self.settings = settings
+        #: the Open Inference Protocol's infer route of this model, as its request line has it
+        self.infer_route = f"/v2/models/{settings.model_name}/infer"
+        #: Paths the worker may serve on its event loop (:mod:`smchainer.serving.direct`):
+        #: ``/invocations``, and the infer route where the model's name needs no escaping
+        #: in a URL (else gunicorn's parser decodes it, on the pool's path).
+        self.direct_routes = frozenset({b"/invocations"} | (
+            {self.infer_route.encode("ascii")} if _PLAIN_NAME.fullmatch(settings.model_name)
+            else set()))
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)
         self.batcher = self.make_batcher()
@@ -620,9 +630,16 @@ class InferenceApp:
             try:
                 self.check_length(environ)
                 model = self.holder.require()
-                content_type, accepts = self.negotiate(environ)
-                request.future = self.submit_inference(model, body, content_type, accepts,
-                                                       deadline)
+                if path == self.infer_route:
+                    request.infer = v2.PendingInfer(
+                        body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+                    request.future = self.submit_inference(
+                        model, b"", content.NPY, [content.NPY], deadline,
+                        unwrap=request.infer.unwrap)
+                else:
+                    content_type, accepts = self.negotiate(environ)
+                    request.future = self.submit_inference(model, body, content_type, accepts,
+                                                           deadline)
             except BaseException:
                 self.metrics.in_flight.dec()
                 raise
@@ -638,7 +655,10 @@ class InferenceApp:
         self.metrics.in_flight.dec()
         try:
             payload, response_type = self.wait_for(request.future, deadline=0.0)
-            response = Response(200, payload, response_type)
+            if request.infer is not None:
+                response = self.infer_answer(request.infer, payload, response_type)
+            else:
+                response = Response(200, payload, response_type)
         except Exception as error:
             response = self.handle_error(error, request.method, request.path)
         return self.respond(request.method, request.path, request.started, response)
@@ -791,12 +811,18 @@ class InferenceApp:
         return content_type, accepts
 
     def submit_inference(self, model: Any, body: bytes, content_type: str, accepts: list[str],
-                         deadline: float) -> concurrent.futures.Future[Any]:
-        """Queue one request for the inference thread: a batching job, else :meth:`infer`."""
+                         deadline: float, unwrap: Callable[[], bytes] | None = None
+                         ) -> concurrent.futures.Future[Any]:
+        """Queue one request for the inference thread: a batching job, else :meth:`infer`.
+
+        With ``unwrap`` the body is what it returns, called on that thread first
+        (:class:`~smchainer.serving.v2.PendingInfer`).
+        """
         if self.batcher is not None:
-            return self.runner.submit(Job(body, content_type, accepts, deadline))
+            return self.runner.submit(Job(body, content_type, accepts, deadline, unwrap=unwrap))
         return self.runner.submit(
-            lambda: self.infer(model, body, content_type, accepts, deadline))
+            lambda: self.infer(model, body if unwrap is None else unwrap(), content_type,
+                               accepts, deadline))
 
     def wait_for(self, future: concurrent.futures.Future[Any],
                  deadline: float) -> tuple[bytes, str]:
@@ -845,16 +871,20 @@ class InferenceApp:
     def open_inference_infer(self, environ: dict[str, Any]) -> Response:
         deadline = time.monotonic() + self.settings.timeout
         with self.inference_request(environ) as model:
-            body = self.read_body(environ)
-            request = v2.parse_infer(body, environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
-            future = self.submit_inference(model, v2.npy_bytes(request.array), content.NPY,
-                                           [content.NPY], deadline)
+            infer = v2.PendingInfer(self.read_body(environ),
+                                    environ.get("HTTP_INFERENCE_HEADER_CONTENT_LENGTH"))
+            future = self.submit_inference(model, b"", content.NPY, [content.NPY], deadline,
+                                           unwrap=infer.unwrap)
             payload, response_type = self.wait_for(future, deadline)
+        return self.infer_answer(infer, payload, response_type)
+
+    def infer_answer(self, infer: v2.PendingInfer, payload: bytes,
+                     response_type: str) -> Response:
+        """An ``infer`` request's answer from its ``output_fn``'s npy bytes."""
         if response_type != content.NPY:
             raise NotAcceptable(f"the model's output_fn answered {response_type}, not a "
                                 "tensor (application/x-npy)")
-        answer, headers = v2.infer_response(self.settings.model_name, request,
-                                            content.decode_npy(payload))
+        answer, headers = infer.answer(self.settings.model_name, content.decode_npy(payload))
         response = Response(200, answer,
                             "application/octet-stream" if headers else "application/json")
         response.headers.extend(headers)

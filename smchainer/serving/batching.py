@@ -56,6 +56,10 @@ class Job:
     #: ``batch_fn``'s answer: the request's rows, or None to run alone
     batch: np.ndarray | None = None
     prepared: bool = False
+    #: what turns a body of another protocol into ``body`` for ``input_fn`` (the Open
+    #: Inference Protocol's tensors), run on the inference thread first; its error is
+    #: the request's answer
+    unwrap: Callable[[], bytes] | None = None
 
     @property
     def items(self) -> int:
@@ -125,6 +129,8 @@ class Batcher:
             job.context = context = self.hooks.request_context(model)
             context.deadline = job.deadline
             context.check_deadline("waiting for the model")
+            if job.unwrap is not None:
+                job.body, job.unwrap = job.unwrap(), None
             job.decoded = self.hooks.input_fn(job.body, job.content_type, context)
             context.check_deadline("decoding the request")
             batch = self.hooks.batch_fn(job.decoded, model, context)

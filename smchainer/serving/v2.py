@@ -135,6 +135,32 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
                         binary_outputs, binary_default)
 
 
+class PendingInfer:
+    """An ``infer`` body on its way to the hooks: parsed where the inference runs.
+
+    The parse (the JSON tensors especially: a millisecond or more an image)
+    happens on the worker's inference thread, by :meth:`unwrap`, never on
+    the event loop that reads other clients' requests; its error is the
+    request's 400. :attr:`request` then holds what the answer needs.
+    """
+
+    def __init__(self, body: bytes, header_length: str | None) -> None:
+        self.body = body
+        self.header_length = header_length
+        self.request: InferRequest | None = None
+
+    def unwrap(self) -> bytes:
+        """The input tensor as the ``application/x-npy`` body ``input_fn`` is given."""
+        self.request = parse_infer(self.body, self.header_length)
+        self.body = b""
+        return npy_bytes(self.request.array)
+
+    def answer(self, model_name: str, output: np.ndarray) -> tuple[bytes, list[tuple[str, str]]]:
+        """The response of the unwrapped request (:func:`infer_response`)."""
+        assert self.request is not None, "answered before it was unwrapped"
+        return infer_response(model_name, self.request, output)
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)

@@ -17,7 +17,8 @@ complete request heads:
   previous answer on a kept-alive connection) and is then dropped; an
   over-long head is a 431. Idle connections cost a file descriptor, never a
   thread, up to gunicorn's ``worker_connections`` per worker.
-- **Inference requests skip the pool.** A ``POST /invocations`` whose head
+- **Inference requests skip the pool.** A ``POST /invocations`` (or to the
+  served model's ``/v2/models/NAME/infer``) whose head
   is plain (:mod:`smchainer.serving.direct` says which) has its body read
   on the main loop too, within ``--client-timeout`` (then 408), and goes
   straight to the inference thread. That thread sends the answer, head and
@@ -26,8 +27,8 @@ complete request heads:
   included), and answers 504 itself when an inference runs past
   ``--timeout``. An answer the socket cannot take at once is finished by a
   pool thread. Such a request holds no thread while it waits; every other
-  request (chunked bodies, bodies over 1 MiB, ``Expect``, the KServe routes,
-  anything unusual) takes gunicorn's path below.
+  request (chunked bodies, bodies over 1 MiB, ``Expect``, the other KServe
+  routes, anything unusual) takes gunicorn's path below.
 - **Health checks never wait for a thread.** ``GET``/``HEAD /ping`` and
   ``GET /metrics`` without a body are answered right there on the main loop
   (both are a state check and a few bytes), so neither slow clients nor a

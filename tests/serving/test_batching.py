@@ -9,6 +9,7 @@ a user's opted-in ``predict_fn``, and says so in ``/metrics``.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import queue
 import re
 import threading
@@ -114,6 +115,36 @@ def test_queued_requests_share_one_call_and_each_gets_its_own_rows(tmp_path):
     assert 'smchainer_batch_requests_bucket{le="4.0"} 1.0' in text  # the lone first
     assert "smchainer_queue_depth 0.0" in text
     assert "smchainer_inference_seconds_count 2.0" in text  # the inference thread's two calls
+
+
+def test_open_inference_tensors_join_the_batch_and_a_bad_one_fails_alone(tmp_path):
+    from smchainer.serving import v2
+
+    recorder = Recorder()
+    app = make_app(tmp_path, recorder)
+    recorder.hold.clear()
+    first = submit(app, np.full((1, 4), 0.5, np.float32))
+    assert recorder.held.wait(10)
+    x = np.full((2, 4), 3, np.float32)
+    tensor = {"name": "input", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()}
+    good = v2.PendingInfer(json.dumps({"inputs": [tensor]}).encode(), None)
+    bad = v2.PendingInfer(b'{"inputs": 7}', None)
+    deadline = time.monotonic() + 30
+    futures = [submit(app, np.full((1, 4), 1, np.float32)),
+               app.submit_inference(app.holder.model, b"", content.NPY, [content.NPY], deadline,
+                                    unwrap=good.unwrap),
+               app.submit_inference(app.holder.model, b"", content.NPY, [content.NPY], deadline,
+                                    unwrap=bad.unwrap),
+               submit(app, np.full((1, 4), 2, np.float32))]
+    recorder.hold.set()
+    assert answer(first).tolist() == [[1.0] * 4]
+    np.testing.assert_array_equal(answer(futures[1]), x * 2)
+    with pytest.raises(BadRequest, match="needs 'inputs'"):
+        futures[2].result(timeout=30)
+    assert answer(futures[0]).tolist() == [[2.0] * 4]
+    assert answer(futures[3]).tolist() == [[4.0] * 4]
+    assert recorder.calls == [(1, 4), (4, 4)]  # the tensor's two rows merged with the others
+    assert good.request is not None and good.request.array.shape == (2, 4)
 
 
 def test_a_batch_holds_at_most_max_batch_size_items(tmp_path):

@@ -373,3 +373,63 @@ def test_a_body_over_the_direct_limit_is_served_through_the_pool(start_server, t
     assert reply.status == 200
     np.testing.assert_allclose(decoded(reply.body), predict_directly(model_dir / "model.npz", x),
                                rtol=1e-5, atol=1e-6)
+
+
+# -- the Open Inference Protocol's infer route -----------------------------------------------
+
+def infer_bytes(body: bytes, path: bytes = b"/v2/models/model/infer",
+                header_length: int | None = None) -> bytes:
+    extra = (b"" if header_length is None
+             else b"Inference-Header-Content-Length: " + str(header_length).encode() + b"\r\n")
+    return (b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + extra + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def test_open_inference_requests_take_the_direct_path_and_answer_as_the_pools(server) -> None:
+    x = np.full((2, 4), 0.001, np.float32)  # the model sleeps a millisecond, returns its input
+    tensor = {"name": "input", "datatype": "FP32", "shape": [2, 4]}
+    as_json = json.dumps({"id": "r-7", "inputs": [{**tensor, "data": x.ravel().tolist()}]})
+    head = json.dumps({"inputs": [{**tensor, "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "output", "parameters": {"binary_data": True}}]})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(infer_bytes(as_json.encode())
+                     + infer_bytes(head.encode() + x.tobytes(), header_length=len(head))
+                     + infer_bytes(b'{"inputs": [')  # not JSON: its own 400, the rest go on
+                     + infer_bytes(as_json.encode(), b"/v2/models/model/versions/1/infer"))
+        answers = read_answers(sock, 4)
+    assert [status for status, _, _ in answers] == [200, 200, 400, 200]
+    # The first three on the direct path (no Server header); a version's route is gunicorn's.
+    assert ["server" in headers for _, headers, _ in answers] == [False, False, False, True]
+    direct, pooled = json.loads(answers[0][2]), json.loads(answers[3][2])
+    assert direct == pooled
+    assert direct["id"] == "r-7" and direct["model_name"] == "model"
+    [output] = direct["outputs"]
+    assert output["datatype"] == "FP32" and output["shape"] == [2, 4]
+    np.testing.assert_array_equal(np.asarray(output["data"], np.float32), x.ravel())
+    _, headers, body = answers[1]
+    length = int(headers["inference-header-content-length"])
+    [binary] = json.loads(body[:length])["outputs"]
+    assert binary["parameters"]["binary_data_size"] == x.nbytes
+    np.testing.assert_array_equal(np.frombuffer(body[length:], np.float32).reshape(2, 4), x)
+    status, headers, body = answers[2]
+    assert headers["content-type"] == "application/json"
+    assert "not JSON" in json.loads(body)["error"]
+
+
+def test_only_the_served_models_infer_route_is_direct(start_server, tmp_path) -> None:
+    server = start_server(["--model-dir", str(make_model_dir(tmp_path / "model")),
+                           "--workers", "1", "--model-name", "linear"])
+    x = inputs(3)
+    body = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [3, 4],
+                                   "data": x.ravel().tolist()}]}).encode()
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(infer_bytes(body, b"/v2/models/linear/infer")
+                     + infer_bytes(body, b"/v2/models/model/infer"))
+        answers = read_answers(sock, 2)
+    assert [status for status, _, _ in answers] == [200, 404]
+    assert "server" not in answers[0][1]  # its own name's route: direct
+    assert "server" in answers[1][1]  # another name: gunicorn's path, and its 404
+    assert "serves 'linear'" in json.loads(answers[1][2])["error"]
+    np.testing.assert_allclose(
+        np.asarray(json.loads(answers[0][2])["outputs"][0]["data"], np.float32).reshape(3, 3),
+        predict_directly(tmp_path / "model" / "model.npz", x), rtol=1e-6)
