@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,9 +100,11 @@ def as_image_batch(data: Any) -> np.ndarray:
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise BadRequest(f"expected {expected}, got dtype {array.dtype}")
     array = array.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(array)):
-        raise BadRequest("input holds NaN or infinite values")
+    # Two passes, not three: a NaN anywhere makes min and max NaN, and an
+    # infinity shows in one of them.
     low, high = float(array.min()), float(array.max())
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise BadRequest("input holds NaN or infinite values")
     if low < -1e-3 or high > 1 + 1e-3:
         raise BadRequest(
             f"expected {expected}, got values from {low:g} to {high:g} "
@@ -131,17 +134,26 @@ def serves_vgg(model: Any, context: ServingContext | None) -> bool:
     return contract.present and contract.architecture == ARCHITECTURE
 
 
+#: ``context.request`` key: (the input :func:`batch_fn` checked, its images as checked).
+CHECKED_KEY = "smchainer.vgg.checked"
+
+
 @hookimpl(trylast=True)
 def batch_fn(input_data: Any, model: Any, context: ServingContext) -> Any:
     """A VGG's requests may share a call: their images, checked, as rows; None for others.
 
     Each request's images are checked here (a 400 is that request's own),
     and the VGG's layers treat every image of a batch on its own (batch
-    normalization in evaluation mode uses its running statistics).
+    normalization in evaluation mode uses its running statistics). The
+    checked images are kept in the request's state, so that
+    :func:`predict_fn` given this same input (a request that runs alone)
+    does not check it again.
     """
     if not serves_vgg(model, context):
         return None
-    return as_image_batch(input_data)
+    images = as_image_batch(input_data)
+    context.request[CHECKED_KEY] = (input_data, images)
+    return images
 
 
 @hookimpl(trylast=True)
@@ -151,7 +163,9 @@ def predict_fn(input_data: Any, model: Any, context: ServingContext) -> Any:
 
     if not serves_vgg(model, context):
         return None
-    x = as_image_batch(input_data)
+    checked = context.request.get(CHECKED_KEY) if context is not None else None
+    x = checked[1] if checked is not None and checked[0] is input_data else as_image_batch(
+        input_data)
     x = model.device.send(x)
     with chainer.using_config("train", False), chainer.no_backprop_mode():
         scores = content.to_numpy(model(x))
