@@ -13,6 +13,7 @@ import re
 import socket
 import time
 import types
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from smchainer.serving.balance import (
     AcceptPacer,
     ConnectionBoard,
 )
+from smchainer.serving.worker import ServingWorker
 from tests.serving.conftest import npy_bytes
 from tests.serving.test_worker_loop import bare_worker
 
@@ -91,13 +93,20 @@ def test_the_pacer_publishes_only_changes_and_withdraws():
     assert board.read(1) == (NOT_TAKING, 42)
 
 
-def test_the_worker_leaves_the_socket_alone_while_deferring(monkeypatch):
-    enabled: list[bool] = []
-    monkeypatch.setattr(ThreadWorker, "set_accept_enabled",
-                        lambda self, on: enabled.append(on))
+def paced_worker(monkeypatch, method: str, index: int,
+                 pid: int) -> tuple[ServingWorker, ConnectionBoard, list[Any]]:
+    """A bare worker in slot ``index`` of a two-slot board, with gthread's ``method``
+    replaced by one that records its argument."""
+    calls: list[Any] = []
+    monkeypatch.setattr(ThreadWorker, method, lambda self, value: calls.append(value))
     board = ConnectionBoard(2)
     worker = bare_worker(timeout=30)
-    worker._pacer = AcceptPacer(board, 0, 1)
+    worker._pacer = AcceptPacer(board, index, pid)
+    return worker, board, calls
+
+
+def test_the_worker_leaves_the_socket_alone_while_deferring(monkeypatch):
+    worker, board, enabled = paced_worker(monkeypatch, "set_accept_enabled", 0, 1)
     worker.nr_conns = 3
     board.publish(1, 0, 2)
 
@@ -196,12 +205,7 @@ def test_a_burst_of_connections_is_spread_evenly_over_two_workers(start_server, 
 
 
 def test_each_turn_of_the_loop_publishes_what_the_worker_takes(monkeypatch):
-    waits: list[float] = []
-    monkeypatch.setattr(ThreadWorker, "wait_for_and_dispatch_events",
-                        lambda self, timeout: waits.append(timeout))
-    board = ConnectionBoard(2)
-    worker = bare_worker(timeout=30)
-    worker._pacer = AcceptPacer(board, 1, 5)
+    worker, board, waits = paced_worker(monkeypatch, "wait_for_and_dispatch_events", 1, 5)
     worker.notify()
     worker.nr_conns = 4
     worker.wait_for_and_dispatch_events(1.0)
