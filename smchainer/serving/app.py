@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import queue
-import re
 import socket
 import threading
 import time
@@ -54,7 +53,7 @@ from smchainer.serving import v2
 from smchainer.serving.batching import Batcher, Job
 from smchainer.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from smchainer.serving.metrics import WorkerMetrics
-from smchainer.serving.settings import ServerSettings
+from smchainer.serving.settings import MODEL_NAME, ServerSettings
 
 logger = logging.getLogger(__name__)
 access_logger = logging.getLogger("smchainer.serving.access")
@@ -62,8 +61,6 @@ access_logger = logging.getLogger("smchainer.serving.access")
 _READ_CHUNK = 64 * 1024
 #: Answered without a token when the server requires one: health checks must work.
 OPEN_PATHS = frozenset({"/ping", "/v2/health/live", "/v2/health/ready"})
-#: A model name that stands in a URL as it is (RFC 3986's unreserved characters).
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9._~-]+")
 
 
 @functools.lru_cache(maxsize=64)
@@ -496,10 +493,10 @@ class InferenceApp:
         #: the Open Inference Protocol's infer route of this model, as its request line has it
         self.infer_route = f"/v2/models/{settings.model_name}/infer"
         #: Paths the worker may serve on its event loop (:mod:`smchainer.serving.direct`):
-        #: ``/invocations``, and the infer route where the model's name needs no escaping
-        #: in a URL (else gunicorn's parser decodes it, on the pool's path).
+        #: ``/invocations``, and the infer route for a name the command line accepts (one
+        #: that needs no escaping in a URL; any other takes gunicorn's path, which decodes it).
         self.direct_routes = frozenset({b"/invocations"} | (
-            {self.infer_route.encode("ascii")} if _PLAIN_NAME.fullmatch(settings.model_name)
+            {self.infer_route.encode("ascii")} if MODEL_NAME.match(settings.model_name)
             else set()))
         self.metrics = metrics if metrics is not None else WorkerMetrics()
         self.holder = ModelHolder(hooks, settings.model_dir, self.metrics)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import shutil
 import socket
 import sys
@@ -33,7 +32,6 @@ from smchainer.serving.settings import ServerSettings
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_DIR = "/opt/ml/model"
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 DESCRIPTION = """\
 Serve a Chainer model with the SageMaker hosting contract on gunicorn.
@@ -230,7 +228,7 @@ def resolve_settings(args: argparse.Namespace, log_level: int, work_dir: Path) -
     auth_token = read_auth_token(args.auth_token_file)
     model_name = (args.model_name or os.environ.get(config.MODEL_NAME_ENV, "").strip()
                   or config.DEFAULT_MODEL_NAME)
-    if not MODEL_NAME.match(model_name):
+    if not config.MODEL_NAME.match(model_name):
         raise UsageError(f"--model-name {model_name!r}: use letters, digits, '.', '-' and '_'")
 
     check_port_free(host, port)

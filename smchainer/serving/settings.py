@@ -6,6 +6,7 @@ WSGI app reads. :data:`ENVIRONMENT` documents every variable the server reads;
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,8 @@ DEFAULT_CLIENT_TIMEOUT = 10
 DEFAULT_ACCEPT = "application/json"
 #: The model's name in the Open Inference Protocol's routes (/v2/models/<name>).
 DEFAULT_MODEL_NAME = "model"
+#: What a model's name may be: characters that stand in a URL as they are.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 #: Dynamic batching: the most items one merged predict_fn call holds (1: off) ...
 DEFAULT_MAX_BATCH_SIZE = 16
 #: ... and how long the first request of a batch waits for others on their way.
